@@ -1,0 +1,142 @@
+"""Using masks: effective weights, making pruning permanent, and the sparsity report."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from ._tree import Tree, effective, path_str
+
+
+def apply_masks(params, masks):
+    """The effective params: ``param * mask`` where a mask exists, the param itself elsewhere.
+
+    A product, not a select, so it is bit-identical to torch's ``orig * mask`` (a pruned NaN stays
+    NaN, a pruned negative becomes ``-0.0``).
+
+    Args:
+      params: an array or a pytree of arrays.
+      masks: bool masks mirroring params (``None`` for unpruned leaves).
+
+    Returns:
+      A pytree like params.
+
+    Examples:
+      >>> import jax.numpy as jnp, jprune as jp
+      >>> jp.apply_masks({"w": jnp.array([1.0, -2.0]), "b": jnp.array([3.0])},
+      ...                {"w": jnp.array([True, False]), "b": None})
+      {'b': Array([3.], dtype=float32), 'w': Array([ 1., -0.], dtype=float32)}
+    """
+    tree = Tree(params, masks)
+    return tree.treedef.unflatten([effective(v, m) for v, m in zip(tree.values, tree.masks)])
+
+
+def remove(params, masks):
+    """Make pruning permanent, like ``torch.nn.utils.prune.remove``: zeros baked into the params.
+
+    The result is the effective params (``apply_masks``); drop the masks afterwards. Pruning again
+    starts from scratch, and the baked zeros (``|x| = 0``) are the first L1 candidates.
+
+    Args:
+      params: an array or a pytree of arrays.
+      masks: the masks to bake in.
+
+    Returns:
+      The params with pruned entries zeroed.
+
+    Raises:
+      ValueError: nothing is pruned (``masks`` has no mask), as torch raises for an unpruned tensor.
+
+    Examples:
+      >>> import jax.numpy as jnp, jprune as jp
+      >>> w = jnp.array([5.0, -1.0, 3.0, 0.5])
+      >>> jp.remove(w, jp.l1_unstructured(w, 2))
+      Array([ 5., -0.,  3.,  0.], dtype=float32)
+    """
+    if not is_pruned(masks):
+        raise ValueError("remove: nothing is pruned (every mask is None); prune before removing")
+    return apply_masks(params, masks)
+
+
+def is_pruned(masks) -> bool:
+    """True if any leaf of ``masks`` holds a mask (like ``torch.nn.utils.prune.is_pruned``).
+
+    Examples:
+      >>> import jax.numpy as jnp, jprune as jp
+      >>> jp.is_pruned({"w": None}), jp.is_pruned({"w": jnp.ones(2, bool)})
+      (False, True)
+    """
+    return any(m is not None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None))
+
+
+class Row(NamedTuple):
+    path: str
+    pruned: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.pruned / self.total if self.total else 0.0
+
+
+class SparsityReport(NamedTuple):
+    """Pruned / total counts per leaf and overall; ``print`` shows it as a table."""
+
+    rows: tuple[Row, ...]
+
+    @property
+    def pruned(self) -> int:
+        return sum(r.pruned for r in self.rows)
+
+    @property
+    def total(self) -> int:
+        return sum(r.total for r in self.rows)
+
+    @property
+    def fraction(self) -> float:
+        return self.pruned / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        width = max([len("leaf"), len("global")] + [len(r.path) for r in self.rows])
+        lines = [f"{'leaf':<{width}}  {'pruned':>10}  {'total':>10}  {'sparsity':>8}"]
+        for r in (*self.rows, Row("global", self.pruned, self.total)):
+            lines.append(f"{r.path:<{width}}  {r.pruned:>10}  {r.total:>10}  {r.fraction:>8.2%}")
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+
+def sparsity(masks, params=None) -> SparsityReport:
+    """Count pruned entries per masked leaf and overall.
+
+    Args:
+      masks: bool masks (``None`` for unpruned leaves).
+      params: optional params mirroring ``masks``: unpruned leaves then count as 0 % rows.
+
+    Returns:
+      A ``SparsityReport`` with ``rows`` (``path``, ``pruned``, ``total``, ``fraction``) and overall
+      ``pruned``, ``total``, ``fraction``; ``print(report)`` shows a table.
+
+    Examples:
+      >>> import jax.numpy as jnp, jprune as jp
+      >>> r = jp.sparsity({"a": jnp.array([True, False]), "b": jnp.array([False, False])})
+      >>> r.pruned, r.total, r.fraction
+      (3, 4, 0.75)
+      >>> print(r)
+      leaf        pruned       total  sparsity
+      a                1           2    50.00%
+      b                2           2   100.00%
+      ----------------------------------------
+      global           3           4    75.00%
+    """
+    if params is None:
+        flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)
+        items = [(path_str(p), m, np.size(m)) for p, m in flat if m is not None]
+    else:
+        tree = Tree(params, masks)
+        items = [(p, m, v.size) for p, v, m in zip(tree.paths, tree.values, tree.masks)]
+    counts = jax.device_get([np.size(m) - m.sum() if m is not None else 0 for _, m, _ in items])
+    return SparsityReport(
+        tuple(Row(p, int(np.asarray(c)), int(n)) for (p, _, n), c in zip(items, counts))
+    )

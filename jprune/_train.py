@@ -1,0 +1,468 @@
+"""Training with masks: an optax wrapper that keeps pruned weights at zero, and sparsity schedules.
+
+Pure JAX + optax. The wrapper holds the masks as arrays in its state, so a new pruning step swaps
+them (:func:`set_masks`) without rebuilding the optimizer or recompiling the train step. Schedules
+return the target sparsity as a traced scalar, so a changing sparsity does not recompile either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "KeepPrunedState",
+    "keep_pruned",
+    "get_masks",
+    "set_masks",
+    "constant_sparsity",
+    "one_shot_sparsity",
+    "polynomial_sparsity",
+    "prune_to_sparsity",
+    "update_masks",
+]
+
+Schedule = Callable[[Any], jax.Array]
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _path_str(path: tuple) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts) or "<root>"
+
+
+def _check_masks(params: Any, masks: Any) -> None:
+    """Raises if ``masks`` does not mirror ``params`` (bool-like arrays of the leaf shape, or None)."""
+
+    def check(path, p, m):
+        if m is None:
+            return
+        if not hasattr(m, "shape"):
+            raise TypeError(
+                f"mask at {_path_str(path)} must be an array or None, got {type(m).__name__}"
+            )
+        if tuple(m.shape) != tuple(jnp.shape(p)):
+            raise ValueError(
+                f"mask at {_path_str(path)} has shape {tuple(m.shape)}, "
+                f"expected {tuple(jnp.shape(p))}"
+            )
+
+    try:
+        jax.tree.map_with_path(check, params, masks)
+    except ValueError as e:
+        if "mask at" in str(e):
+            raise
+        raise ValueError(
+            "masks must mirror params: the same pytree structure, with a bool array of the "
+            f"leaf's shape where a leaf is pruned and None where it is not. Got: {e}"
+        ) from None
+
+
+class KeepPrunedState(NamedTuple):
+    """State of :func:`keep_pruned`: the current masks and the inner optimizer's state."""
+
+    masks: Any
+    inner_state: optax.OptState
+
+
+def keep_pruned(
+    inner: optax.GradientTransformation, masks: Any
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer so that pruned weights stay exactly zero, whatever it does.
+
+    Gradients are zeroed at pruned positions before ``inner`` sees them, and the final update is
+    replaced by ``-param`` there, so ``optax.apply_updates`` gives exactly 0 at every pruned
+    position. Masking the gradient alone is not enough: momentum, weight decay, Adam's bias
+    correction or Lion's sign step would still move a pruned weight. Weights newly pruned by a
+    mask swap (:func:`set_masks`) are zeroed by the next update.
+
+    Put this transformation outermost (or last in an ``optax.chain``): a transformation applied
+    after it could move pruned weights again.
+
+    Args:
+      inner: the optimizer to wrap, e.g. ``optax.adamw(1e-3)``.
+      masks: a pytree mirroring params: a bool array of the leaf's shape for a pruned leaf, ``None``
+        where a leaf is not pruned (e.g. from ``jp.l1_unstructured``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`KeepPrunedState`.
+      ``update`` requires ``params``.
+
+    Raises:
+      ValueError: at ``init`` if a mask's shape differs from its leaf's, and at ``update`` if
+        ``params`` is None.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([0.5])}
+      >>> masks = {"w": jnp.array([True, False, True]), "b": None}
+      >>> tx = keep_pruned(optax.sgd(0.1, momentum=0.9), masks)
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.ones(3), "b": jnp.ones(1)}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> optax.apply_updates(params, updates)["w"]
+      Array([0.9, 0. , 2.9], dtype=float32)
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        _check_masks(params, masks)
+        return KeepPrunedState(masks=masks, inner_state=inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(
+                "keep_pruned needs the current params to keep pruned weights at exactly 0: "
+                "call tx.update(grads, opt_state, params), got params=None"
+            )
+        masks = state.masks
+
+        def zero_pruned(g, m):
+            return g if m is None else jnp.where(m, g, jnp.zeros_like(g))
+
+        def pin_to_zero(u, p, m):
+            # p + (-p) == 0 exactly in floating point, so the applied update lands on 0.
+            return u if m is None else jnp.where(m, u, -p.astype(u.dtype))
+
+        grads = jax.tree.map(zero_pruned, updates, masks)
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        updates = jax.tree.map(pin_to_zero, updates, params, masks)
+        return updates, KeepPrunedState(masks=masks, inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_state(x: Any) -> bool:
+    return isinstance(x, KeepPrunedState)
+
+
+def get_masks(opt_state: Any) -> Any:
+    """Returns the masks held by the :func:`keep_pruned` state inside ``opt_state``.
+
+    Args:
+      opt_state: an optimizer state containing one :class:`KeepPrunedState`, at any depth (e.g.
+        inside an ``optax.chain`` state).
+
+    Returns:
+      The masks pytree.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no :class:`KeepPrunedState`, or more than one.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.ones(3)}
+      >>> masks = {"w": jnp.array([True, False, True])}
+      >>> state = optax.chain(optax.clip(1.0), keep_pruned(optax.sgd(0.1), masks)).init(params)
+      >>> get_masks(state)["w"]
+      Array([ True, False,  True], dtype=bool)
+    """
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(s)]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected exactly one KeepPrunedState (from jp.keep_pruned) in opt_state, "
+            f"found {len(found)}"
+        )
+    return found[0].masks
+
+
+def set_masks(opt_state: Any, masks: Any) -> Any:
+    """Returns ``opt_state`` with the :func:`keep_pruned` masks replaced; jit-safe, no recompiles.
+
+    The new masks must have the same structure, shapes and dtypes as the old ones, so a jitted
+    train step keeps its compiled program. Start from all-True masks (``jp.identity``) on every leaf
+    a schedule will prune, rather than ``None``.
+
+    Args:
+      opt_state: an optimizer state containing one :class:`KeepPrunedState`.
+      masks: the new masks, e.g. after another pruning step.
+
+    Returns:
+      A new optimizer state; the inner optimizer's state is unchanged.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no :class:`KeepPrunedState` (or several), or the new masks
+        differ from the old ones in structure or shape.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = keep_pruned(optax.sgd(0.5), {"w": jnp.ones(3, bool)})
+      >>> state = set_masks(tx.init(params), {"w": jnp.array([True, False, True])})
+      >>> updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+      >>> optax.apply_updates(params, updates)["w"]
+      Array([0.5, 0. , 0.5], dtype=float32)
+    """
+    old = get_masks(opt_state)
+    old_def, new_def = jax.tree.structure(old), jax.tree.structure(masks)
+    if old_def != new_def:
+        raise ValueError(
+            "new masks must have the same structure as the old ones (None at the same leaves), "
+            f"got {new_def}, expected {old_def}; start from all-True masks (jp.identity) on "
+            "every leaf you will prune"
+        )
+    _check_masks(old, masks)
+    return jax.tree.map(
+        lambda s: s._replace(masks=masks) if _is_state(s) else s, opt_state, is_leaf=_is_state
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedules: step -> target sparsity (a float32 scalar; traced when the step is).
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value}")
+
+
+def constant_sparsity(sparsity: float) -> Schedule:
+    """Returns a schedule that always gives ``sparsity``.
+
+    Args:
+      sparsity: the target fraction of pruned weights, in [0, 1].
+
+    Returns:
+      A function ``step -> sparsity`` (a float32 scalar).
+
+    Raises:
+      ValueError: if ``sparsity`` is not in [0, 1].
+
+    Examples:
+      >>> constant_sparsity(0.5)(10)
+      Array(0.5, dtype=float32)
+    """
+    _check_fraction("sparsity", sparsity)
+
+    def schedule(step):
+        del step
+        return jnp.asarray(sparsity, jnp.float32)
+
+    return schedule
+
+
+def one_shot_sparsity(sparsity: float, step: int) -> Schedule:
+    """Returns a schedule that gives 0 before ``step`` and ``sparsity`` from ``step`` on.
+
+    Args:
+      sparsity: the target fraction of pruned weights, in [0, 1].
+      step: the step at which to prune.
+
+    Returns:
+      A function ``step -> sparsity`` (a float32 scalar).
+
+    Raises:
+      ValueError: if ``sparsity`` is not in [0, 1] or ``step`` is negative.
+
+    Examples:
+      >>> s = one_shot_sparsity(0.75, step=100)
+      >>> float(s(99)), float(s(100))
+      (0.0, 0.75)
+    """
+    _check_fraction("sparsity", sparsity)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    at = step
+
+    def schedule(step):
+        return jnp.where(jnp.asarray(step) >= at, jnp.float32(sparsity), jnp.float32(0.0))
+
+    return schedule
+
+
+def polynomial_sparsity(
+    final_sparsity: float,
+    begin_step: int,
+    end_step: int,
+    *,
+    initial_sparsity: float = 0.0,
+    frequency: int = 1,
+    power: float = 3.0,
+) -> Schedule:
+    """Returns Zhu & Gupta's gradual pruning schedule (arXiv:1710.01878).
+
+    ``s(t) = s_f + (s_i - s_f) * (1 - (t_q - t_0) / (t_end - t_0)) ** power`` where ``t_q`` is ``t``
+    rounded down to ``t_0 + k * frequency`` and clipped to ``[t_0, t_end]``: the sparsity is
+    ``initial_sparsity`` before ``begin_step``, rises fast then slowly, changes only every
+    ``frequency`` steps, and is ``final_sparsity`` from ``end_step`` on.
+
+    Args:
+      final_sparsity: the sparsity reached at ``end_step``, in [0, 1].
+      begin_step: the first pruning step.
+      end_step: the step at which ``final_sparsity`` is reached; greater than ``begin_step``.
+      initial_sparsity: the sparsity at ``begin_step``, in [0, final_sparsity].
+      frequency: the sparsity is updated every ``frequency`` steps (Zhu & Gupta's Δt), >= 1.
+      power: the exponent, 3 in the paper; > 0.
+
+    Returns:
+      A function ``step -> sparsity`` (a float32 scalar, traced when ``step`` is traced).
+
+    Raises:
+      ValueError: on a sparsity outside [0, 1], ``initial_sparsity > final_sparsity``,
+        ``end_step <= begin_step``, a negative ``begin_step``, ``frequency < 1`` or ``power <= 0``.
+
+    Examples:
+      >>> s = polynomial_sparsity(0.9, begin_step=0, end_step=100, frequency=10)
+      >>> [round(float(s(t)), 4) for t in (0, 9, 10, 50, 100, 500)]
+      [0.0, 0.0, 0.2439, 0.7875, 0.9, 0.9]
+    """
+    _check_fraction("final_sparsity", final_sparsity)
+    _check_fraction("initial_sparsity", initial_sparsity)
+    if initial_sparsity > final_sparsity:
+        raise ValueError(
+            f"initial_sparsity must be <= final_sparsity, got {initial_sparsity} > {final_sparsity}"
+        )
+    if begin_step < 0 or end_step <= begin_step:
+        raise ValueError(
+            f"expected 0 <= begin_step < end_step, got begin_step={begin_step}, end_step={end_step}"
+        )
+    if frequency < 1:
+        raise ValueError(f"frequency must be an integer >= 1, got {frequency}")
+    if power <= 0:
+        raise ValueError(f"power must be > 0, got {power}")
+    span = float(end_step - begin_step)
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.int32) - begin_step
+        t = jnp.clip((t // frequency) * frequency, 0, end_step - begin_step)
+        progress = t.astype(jnp.float32) / jnp.float32(span)
+        s = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power
+        return jnp.asarray(s, jnp.float32)
+
+    return schedule
+
+
+# ------------------------------------------------------------------------------------------------
+# Pruning to a target sparsity inside a train step.
+
+
+def _intersect(new: Any, old: Any) -> Any:
+    """Combines two mask pytrees: pruned in either one -> pruned; None means all kept."""
+
+    def both(n, o):
+        if n is None:
+            return o
+        if o is None:
+            return n
+        return jnp.logical_and(n, o)
+
+    return jax.tree.map(both, new, old, is_leaf=_is_none)
+
+
+def prune_to_sparsity(
+    params: Any,
+    sparsity: Any,
+    *,
+    masks: Any = None,
+    scope: str = "global",
+    select: Any = None,
+) -> Any:
+    """Prunes further by magnitude until ``sparsity`` of the selected weights are pruned.
+
+    Magnitudes are taken from the effective weights (``params`` masked by ``masks``), so already
+    pruned weights (0) are chosen first and stay pruned; the result is combined with ``masks``.
+    ``sparsity`` may be a traced scalar: calls inside ``jax.jit`` do not recompile when it changes.
+
+    Args:
+      params: the parameter pytree.
+      sparsity: the target fraction of pruned weights, a float in [0, 1] or a traced scalar.
+      masks: the current masks (None: nothing pruned yet).
+      scope: ``"global"`` ranks all selected weights together (``jp.global_unstructured``);
+        ``"layer"`` prunes each selected leaf to ``sparsity`` (``jp.l1_unstructured``).
+      select: which leaves to prune (see ``jp.l1_unstructured``); default: floating leaves with
+        ndim >= 2 (kernels, not biases).
+
+    Returns:
+      The new masks.
+
+    Raises:
+      ValueError: if ``scope`` is neither ``"global"`` nor ``"layer"``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> params = {"a": jnp.array([[1.0, -5.0], [3.0, 0.5]]), "b": jnp.array([[2.0, 4.0]])}
+      >>> masks = prune_to_sparsity(params, 0.5)
+      >>> masks["a"].tolist(), masks["b"].tolist()
+      ([[False, True], [True, False]], [[False, True]])
+    """
+    import jprune  # the core methods; imported here because jprune/__init__ imports this module
+
+    if scope not in ("global", "layer"):
+        raise ValueError(f'scope must be "global" or "layer", got {scope!r}')
+    scores = params if masks is None else jprune.apply_masks(params, masks)
+    if scope == "global":
+        new = jprune.global_unstructured(scores, sparsity, select=select)
+    else:
+        new = jprune.l1_unstructured(scores, sparsity, select=select)
+    return new if masks is None else _intersect(new, masks)
+
+
+def update_masks(
+    params: Any,
+    masks: Any,
+    step: Any,
+    schedule: Schedule,
+    *,
+    frequency: int = 1,
+    scope: str = "global",
+    select: Any = None,
+) -> Any:
+    """Re-prunes to ``schedule(step)`` every ``frequency`` steps; otherwise returns ``masks``.
+
+    Meant to run inside a jitted train step: ``step`` may be traced, the pruning runs under
+    ``jax.lax.cond`` so steps in between cost nothing, and the result has the structure of
+    ``masks`` so the step compiles once. ``masks`` must hold an array (e.g. all True, from
+    ``jp.identity``) on every leaf ``select`` picks.
+
+    Args:
+      params: the parameter pytree.
+      masks: the current masks.
+      step: the current step (int or traced int scalar).
+      schedule: a function ``step -> sparsity``, e.g. :func:`polynomial_sparsity`.
+      frequency: re-prune when ``step % frequency == 0``.
+      scope: ``"global"`` or ``"layer"``, as in :func:`prune_to_sparsity`.
+      select: which leaves to prune, as in :func:`prune_to_sparsity`.
+
+    Returns:
+      The masks to use from this step on.
+
+    Raises:
+      ValueError: if ``frequency < 1``, or a selected leaf has a ``None`` mask.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5)}
+      >>> masks = {"w": jnp.ones((2, 5), bool)}
+      >>> schedule = polynomial_sparsity(0.8, begin_step=0, end_step=10, frequency=5)
+      >>> step_fn = jax.jit(lambda p, m, t: update_masks(p, m, t, schedule, frequency=5))
+      >>> [int((~step_fn(params, masks, t)["w"]).sum()) for t in (0, 3, 5, 10)]
+      [0, 0, 7, 8]
+    """
+    if frequency < 1:
+        raise ValueError(f"frequency must be an integer >= 1, got {frequency}")
+    old_def = jax.tree.structure(masks)
+
+    def recompute(_):
+        new = prune_to_sparsity(params, schedule(step), masks=masks, scope=scope, select=select)
+        if jax.tree.structure(new) != old_def:
+            raise ValueError(
+                "update_masks needs a mask array (not None) on every leaf it prunes, so the "
+                "train step keeps one compiled program; start from jp.identity(params, select=...)"
+            )
+        return new
+
+    return jax.lax.cond(jnp.asarray(step) % frequency == 0, recompute, lambda _: masks, None)

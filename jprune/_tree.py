@@ -1,0 +1,109 @@
+"""Params, masks and scores as aligned lists of leaves, addressed by path ("conv1/kernel")."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+class ShapeError(ValueError, AssertionError):
+    """A mask or score whose shape is not its parameter's (torch raises AssertionError here)."""
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_str(path) -> str:
+    """``(DictKey('conv1'), DictKey('kernel'))`` -> ``"conv1/kernel"``; NNX's trailing ``.value`` is dropped."""
+    keys = list(path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(_key_str(k) for k in keys)
+
+
+def is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+Select = str | Sequence[str] | Callable[[str, Any], bool] | None
+
+
+class Tree:
+    """A params pytree flattened to leaves, with the masks and scores aligned to it.
+
+    ``masks`` and ``importance_scores`` mirror ``params``; ``None`` marks a leaf without one.
+    """
+
+    def __init__(self, params, masks=None, scores=None, *, scores_name="importance_scores"):
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        self.paths = [path_str(p) for p, _ in flat]
+        self.values = [jnp.asarray(v) if not is_tracer(v) else v for _, v in flat]
+        self.masks = self._align(masks, "masks")
+        self.scores = self._align(scores, scores_name)
+        for path, v, m in zip(self.paths, self.values, self.masks):
+            if m is None:
+                continue
+            if jnp.shape(m) != v.shape:
+                raise ShapeError(f"mask at {path!r} has shape {jnp.shape(m)}, expected {v.shape}")
+            if jnp.result_type(m) != jnp.bool_:
+                raise TypeError(f"mask at {path!r} has dtype {jnp.result_type(m)}, expected bool")
+        for path, v, s in zip(self.paths, self.values, self.scores):
+            if s is not None and jnp.shape(s) != v.shape:
+                raise ShapeError(
+                    f"{scores_name} at {path!r} should have the same shape as the parameter, "
+                    f"got {tuple(jnp.shape(s))} vs {v.shape}"
+                )
+
+    def _align(self, tree, name):
+        if tree is None:
+            return [None] * len(self.values)
+        try:
+            return self.treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{name} must mirror the structure of params: {e}") from None
+
+    def select(self, select: Select) -> list[int]:
+        """Indices of the selected leaves (see the ``select`` argument of the pruning functions)."""
+        if select is None:
+            if self.treedef.num_nodes == 1:  # a bare array: prune it
+                return [0]
+            idx = [
+                i
+                for i, v in enumerate(self.values)
+                if v.ndim >= 2 and jnp.issubdtype(v.dtype, jnp.floating)
+            ]
+            what = "the default selection (floating leaves with ndim >= 2)"
+        elif callable(select):
+            idx = [i for i, (p, v) in enumerate(zip(self.paths, self.values)) if select(p, v)]
+            what = f"select={select!r}"
+        else:
+            patterns = [select] if isinstance(select, str) else list(select)
+            if not all(isinstance(s, str) for s in patterns):
+                raise TypeError(f"select must be a path, a glob, a list of them or a predicate, got {select!r}")
+            idx = [i for i, p in enumerate(self.paths) if any(fnmatch.fnmatchcase(p, s) for s in patterns)]
+            what = f"select={select!r}"
+        if not idx:
+            raise ValueError(f"{what} matches no leaf; the paths are {self.paths}")
+        return idx
+
+    def with_masks(self, new: dict[int, Any]):
+        """The masks pytree: ``new[i]`` for the given leaves, the incoming mask (or None) elsewhere."""
+        leaves = [new.get(i, m) for i, m in enumerate(self.masks)]
+        return self.treedef.unflatten(leaves)
+
+    def any_traced(self, idx, *extra) -> bool:
+        arrays = [self.masks[i] for i in idx] + [self.scores[i] for i in idx] + list(extra)
+        return any(is_tracer(a) for a in arrays)
+
+
+def effective(value, mask):
+    """``value * mask``: torch's effective weight, and its default importance scores."""
+    return value if mask is None else value * mask.astype(value.dtype)

@@ -1,0 +1,214 @@
+"""Unstructured pruning: L1 and random, per leaf or global, with torch's container rules.
+
+A call prunes ``k`` of the *remaining* entries (``mask == True``) of each selected leaf (or, for
+``global_unstructured``, of all selected leaves together): ``k`` is the amount itself for an integer,
+``round(amount * remaining)`` for a fraction. Entries already pruned stay pruned.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _amount, _select
+from ._tree import Tree, effective
+
+
+def score_keys(s):
+    """uint32 keys ordered like ``|s|`` (NaN above inf); exact for floats up to 32 bits."""
+    if jnp.issubdtype(s.dtype, jnp.floating) and s.dtype.itemsize <= 4:
+        return _select.abs_keys(s)
+    # float64 / integers: the rank of |s| (a stable sort, NaN last) is an order-preserving key.
+    flat = jnp.abs(s).ravel()
+    rank = jnp.zeros(flat.shape, jnp.uint32).at[jnp.argsort(flat, stable=True)].set(
+        jnp.arange(flat.size, dtype=jnp.uint32)
+    )
+    return rank.reshape(s.shape)
+
+
+def random_keys(key, shape):
+    """Uniform random 31-bit keys: pruning the k smallest prunes a uniform random k-subset."""
+    return jax.random.bits(key, shape, jnp.uint32) >> 1
+
+
+def candidate_keys(keys, mask):
+    """Already-pruned entries get the sentinel key, so they are never chosen again."""
+    return keys if mask is None else jnp.where(mask, keys, jnp.uint32(_select.SENTINEL))
+
+
+def remaining(mask, size):
+    return size if mask is None else jnp.sum(mask, dtype=jnp.int32)
+
+
+def leaf_keys(kind, value, mask, score, rng):
+    """Keys of one leaf: ``|score|`` (default ``value * mask``) for "l1", random bits for "random"."""
+    if kind == "random":
+        return random_keys(rng, value.shape)
+    return score_keys(effective(value, mask) if score is None else score)
+
+
+@partial(jax.jit, static_argnames=("joint", "from_amount", "kind", "method"))
+def _prune(values, masks, scores, rngs, k, *, joint, from_amount, kind, method):
+    """Prune ``k`` candidates per leaf (``joint=False``) or across all leaves (``joint=True``).
+
+    ``k`` is the count(s), or the traced amount when ``from_amount``.
+    """
+    keys = [
+        candidate_keys(leaf_keys(kind, v, m, s, r), m)
+        for v, m, s, r in zip(values, masks, scores, rngs)
+    ]
+    n = [remaining(m, x.size) for x, m in zip(keys, masks)]
+    if joint:
+        kk = _amount.count_traced(k, sum(n)) if from_amount else k
+        pruned = _select.smallest(keys, kk, method=method)
+    else:
+        pruned = [
+            _select.smallest([x], _amount.count_traced(k, ni) if from_amount else k[i], method=method)[0]
+            for i, (x, ni) in enumerate(zip(keys, n))
+        ]
+    return [~p if m is None else m & ~p for p, m in zip(pruned, masks)]
+
+
+def counts(tree: Tree, idx, amount, *, joint: bool):
+    """Host counts with torch's validation, or None when they must be computed on the device."""
+    _amount.validate(amount)
+    masks = [tree.masks[i] for i in idx]
+    if _amount.is_traced(amount) or tree.any_traced(idx):
+        return None
+    sizes = [tree.values[i].size for i in idx]
+    if any(m is not None for m in masks):  # remaining counts depend on the masks: one host sync
+        sizes = np.asarray(jax.jit(lambda ms: [remaining(m, s) for m, s in zip(ms, sizes)])(masks))
+    if joint:
+        return jnp.asarray(_amount.count(amount, int(np.sum(sizes))), jnp.int32)
+    ks = []
+    for i, n in zip(idx, sizes):
+        try:
+            ks.append(_amount.count(amount, int(n)))
+        except ValueError as e:
+            raise ValueError(f"{tree.paths[i]}: {e}") from None
+    return jnp.asarray(ks, jnp.int32)
+
+
+def run(tree: Tree, idx, amount, *, kind: str, joint: bool, key=None, method: str = "auto"):
+    """Prune the selected leaves of ``tree`` (``kind`` "l1" or "random"); returns the masks pytree."""
+    if kind == "random" and key is None:
+        raise TypeError("random pruning needs an explicit PRNG key: pass key=jax.random.key(0)")
+    k = counts(tree, idx, amount, joint=joint)
+    from_amount = k is None
+    if from_amount:
+        k = amount if _amount.is_traced(amount) else _amount.as_device_amount(amount)
+    rngs = list(jax.random.split(key, len(idx))) if kind == "random" else [None] * len(idx)
+    new = _prune(
+        [tree.values[i] for i in idx],
+        [tree.masks[i] for i in idx],
+        [tree.scores[i] for i in idx],
+        rngs,
+        k,
+        joint=joint,
+        from_amount=from_amount,
+        kind=kind,
+        method=method,
+    )
+    return tree.with_masks(dict(zip(idx, new)))
+
+
+def l1_unstructured(params, amount, *, masks=None, importance_scores=None, select=None):
+    """Prune the ``amount`` entries of smallest ``|score|`` in each selected leaf.
+
+    Like ``torch.nn.utils.prune.l1_unstructured``: exactly ``k`` entries (a count, not a threshold);
+    with ``masks``, ``k`` counts only the remaining entries and the result is combined with them.
+
+    Args:
+      params: an array or a pytree of arrays (Linen params dict, ``nnx.State``).
+      amount: an int count, or a float fraction in [0, 1] (``round(amount * remaining)``); a traced
+        jax scalar works too, inside jit, without recompiling when it changes.
+      masks: the current masks (bool leaves, ``None`` where unpruned), or None.
+      importance_scores: a pytree like params (``None`` leaves allowed); default ``params * masks``.
+      select: the leaves to prune: a path ``"conv1/kernel"``, a glob ``"*/kernel"``, a list of
+        them, or a predicate ``(path, leaf) -> bool``. Default: floating leaves with ndim >= 2
+        (kernels, not biases); a bare array is always selected.
+
+    Returns:
+      The masks pytree: bool arrays for pruned leaves (False = pruned), None elsewhere.
+
+    Raises:
+      TypeError: ``amount`` is not an int or float.
+      ValueError: ``amount`` is out of range or larger than a leaf's remaining entries (the message
+        names the leaf), or masks/scores do not match params.
+
+    Examples:
+      >>> import jax.numpy as jnp, jprune as jp
+      >>> w = jnp.array([[1.0, -2.0, 3.0], [-4.0, 0.5, 6.0]])
+      >>> jp.l1_unstructured(w, 2)
+      Array([[False,  True,  True],
+             [ True, False,  True]], dtype=bool)
+    """
+    tree = Tree(params, masks, importance_scores)
+    return run(tree, tree.select(select), amount, kind="l1", joint=False)
+
+
+def random_unstructured(params, amount, *, key, masks=None, select=None):
+    """Prune ``amount`` entries chosen uniformly at random in each selected leaf.
+
+    Like ``torch.nn.utils.prune.random_unstructured``: the same counts and container rules (the
+    indices depend on the RNG). Each selected leaf draws from its own split of ``key``.
+
+    Args:
+      params: an array or a pytree of arrays.
+      amount: int count or float fraction (see ``l1_unstructured``).
+      key: a ``jax.random`` key.
+      masks: the current masks, or None.
+      select: which leaves (see ``l1_unstructured``).
+
+    Returns:
+      The combined masks pytree.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jprune as jp
+      >>> m = jp.random_unstructured(jnp.ones((4, 5)), 0.3, key=jax.random.key(0))
+      >>> int((~m).sum())
+      6
+    """
+    tree = Tree(params, masks)
+    return run(tree, tree.select(select), amount, kind="random", joint=False, key=key)
+
+
+def global_unstructured(
+    params, amount, *, method="l1", key=None, masks=None, importance_scores=None, select=None
+):
+    """Prune ``amount`` entries across all selected leaves together (one global ranking).
+
+    Like ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured`` (``method="l1"``) or
+    ``RandomUnstructured`` (``method="random"``): a fraction counts the remaining entries of all
+    selected leaves together. Selection is exact and never sorts everything (see ``_select``).
+
+    Args:
+      params: an array or a pytree of arrays.
+      amount: int count or float fraction of all remaining entries.
+      method: ``"l1"`` (smallest ``|score|``) or ``"random"``.
+      key: a ``jax.random`` key, needed for ``method="random"``.
+      masks: the current masks, or None.
+      importance_scores: for ``"l1"``: a pytree like params; default ``params * masks``.
+      select: which leaves (see ``l1_unstructured``).
+
+    Returns:
+      The combined masks pytree.
+
+    Raises:
+      ValueError: an unknown ``method``, a bad amount, or more than the remaining entries.
+
+    Examples:
+      >>> import jax.numpy as jnp, jprune as jp
+      >>> p = {"a": jnp.array([[1.0, 2.0, 3.0, 4.0], [-4.0, -3.0, -2.0, -1.0]]),
+      ...      "b": jnp.array([[0.0, 0.1, -2.0]])}
+      >>> m = jp.global_unstructured(p, 4)
+      >>> jp.apply_masks(p, m)["b"]
+      Array([[ 0.,  0., -2.]], dtype=float32)
+    """
+    if method not in ("l1", "random"):
+        raise ValueError(f"method must be 'l1' or 'random', got {method!r}")
+    tree = Tree(params, masks, importance_scores)
+    return run(tree, tree.select(select), amount, kind=method, joint=True, key=key)
