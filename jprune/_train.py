@@ -46,7 +46,7 @@ def _path_str(path: tuple) -> str:
 
 
 def _check_masks(params: Any, masks: Any) -> None:
-    """Raises if ``masks`` does not mirror ``params`` (bool-like arrays of the leaf shape, or None)."""
+    """Raises if ``masks`` does not mirror ``params`` (arrays of the leaf shape, or None)."""
 
     def check(path, p, m):
         if m is None:
