@@ -1,0 +1,342 @@
+"""`from_torch` / `to_torch`: pruned state_dicts <-> Flax checkpoints, bit for bit."""
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from . import _arrays, _layout
+
+RECIPE_VERSION = 1
+
+
+def _tree_set(tree: dict, path: tuple[str, ...], value) -> None:
+    for c in path[:-1]:
+        tree = tree.setdefault(c, {})
+    tree[path[-1]] = value
+
+
+def _tree_get(tree, path: tuple[str, ...]):
+    for c in path:
+        if not isinstance(tree, Mapping) or c not in tree:
+            return _MISSING
+        tree = tree[c]
+    return tree
+
+
+_MISSING = object()
+
+
+def _present(x) -> bool:
+    return x is not None and x is not _MISSING
+
+
+def _mirror(params: Mapping, masks: dict, path: tuple[str, ...] = ()) -> dict:
+    """A dict shaped like `params` with the mask at each path, None where there is none."""
+    return {
+        k: _mirror(v, masks, (*path, k)) if isinstance(v, Mapping) else masks.get((*path, k))
+        for k, v in params.items()
+    }
+
+
+def _leaf_paths(tree, path=()):
+    if not isinstance(tree, Mapping):
+        yield path, tree
+        return
+    for k, v in tree.items():
+        yield from _leaf_paths(v, (*path, k))
+
+
+def _state_dict_of(state_dict) -> tuple[Mapping, bool]:
+    """(state_dict, whether its tensors must be copied) from a mapping, module or file path."""
+    if isinstance(state_dict, torch.nn.Module):
+        return state_dict.state_dict(), False
+    if isinstance(state_dict, str | os.PathLike):
+        from ._files import load_torch
+
+        return load_torch(state_dict, mmap=True), True
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "Expected a state_dict (a mapping of str to torch.Tensor), an nn.Module or a file "
+            f"path, got {type(state_dict).__name__}"
+        )
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"Expected a state_dict mapping str to torch.Tensor, got {type(value).__name__} "
+                f"at key {key!r}"
+            )
+    return state_dict, False
+
+
+def _progress(items, total_bytes: int, progress: bool | None, desc: str):
+    if progress is False or (progress is None and total_bytes < 256 * 2**20):
+        return items
+    from tqdm.auto import tqdm
+
+    # disable=None: only on a terminal, so logs and tests stay clean.
+    return tqdm(items, desc=desc, unit="tensor", disable=None if progress is None else False)
+
+
+def from_torch(state_dict, template=None) -> dict:
+    """Converts a (pruned) torch state_dict to a Flax checkpoint dict.
+
+    Names and layouts: module path `a.b.c` -> nested keys `a`/`b`/`c`; a Linear weight (out, in)
+    -> `kernel` (in, out); a ConvNd weight (O, I, *spatial) -> `kernel` (*spatial, I, O); a norm
+    weight -> `scale`; BatchNorm `running_mean`/`running_var` -> `batch_stats` `mean`/`var`.
+    Without a template, a 2-D weight with no bias (Linear(bias=False) or Embedding?) is refused;
+    with one, names and layouts come from matching its leaves (`embedding` keeps the layout,
+    Flax list names like `blocks_0` match torch's `blocks.0`).
+
+    The result is `{"params", "masks", "batch_stats" (only if present), "torch"}`:
+    `params` holds the `X_orig` values (or `X` where unpruned), `masks` mirrors `params` with a
+    bool array where torch has `X_mask` and None elsewhere, and `torch` holds what `to_torch`
+    needs to rebuild the state_dict exactly: `"recipe"` (a JSON string listing every torch key in
+    order with its Flax place, layout and torch dtype, mask dtypes included) and `"extra"`
+    (tensors with no Flax place, e.g. `num_batches_tracked`, kept verbatim; only if any).
+
+    Leaves are numpy arrays (bf16 and float8 via ml_dtypes, float64 kept as float64), C-contiguous;
+    leaves that need no transposition share memory with the input tensors.
+
+    Args:
+      state_dict: a state_dict (str -> Tensor), an nn.Module, or a path to a .pt/.pth/.safetensors
+        file (read with `weights_only=True`, memory-mapped).
+      template: optional Flax params (or a variables dict with `params`/`batch_stats`), e.g. from
+        `model.init`; arrays or `jax.ShapeDtypeStruct`s.
+
+    Returns:
+      The checkpoint dict described above.
+
+    Raises:
+      ValueError: a mask that is not 0/1, a mask whose shape differs from its `_orig`, `_mask`
+        without `_orig`, an ambiguous layout without a template, or a template that does not
+        match.
+      TypeError: `state_dict` is not a mapping of str to Tensor.
+
+    Examples:
+      >>> import torch
+      >>> from torch.nn.utils import prune
+      >>> from jprune.interop import from_torch
+      >>> lin = torch.nn.Linear(3, 2)
+      >>> _ = prune.l1_unstructured(lin, "weight", amount=2)
+      >>> ckpt = from_torch(lin.state_dict())
+      >>> ckpt["params"]["kernel"].shape, ckpt["masks"]["kernel"].dtype.name, ckpt["masks"]["bias"]
+      ((3, 2), 'bool', None)
+      >>> int((~ckpt["masks"]["kernel"]).sum())
+      2
+    """
+    state_dict, copy = _state_dict_of(state_dict)
+    return _from_torch(state_dict, template, copy=copy, progress=False)
+
+
+def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | None) -> dict:
+    recipe = _layout.plan({k: tuple(v.shape) for k, v in state_dict.items()}, template)
+    params: dict = {}
+    stats: dict = {}
+    masks: dict = {}
+    extra: dict = {}
+    keys = []
+    total = sum(v.numel() * v.element_size() for v in state_dict.values())
+    for key, target, layout in _progress(recipe, total, progress, "torch -> flax"):
+        t = state_dict[key]
+        keys.append([key, list(target), layout, _arrays.dtype_name(t.dtype)])
+        perm = _layout.to_flax_perm(layout, t.ndim)
+        if target[0] == "masks":
+            masks[target[1:]] = _arrays.bool_mask(key, t, perm)
+            continue
+        if perm is not None:
+            out = torch.empty([t.shape[i] for i in perm], dtype=t.dtype)
+            out.copy_(t.detach().permute(perm))
+        else:
+            out = t.detach().contiguous()
+            if copy and out.data_ptr() == t.data_ptr():
+                out = out.clone()
+        value = _arrays.to_numpy(out)
+        if target[0] == "extra":
+            extra[key] = value
+        else:
+            _tree_set(params if target[0] == "params" else stats, target[1:], value)
+    meta = {"version": RECIPE_VERSION, "keys": keys}
+    if getattr(state_dict, "_metadata", None) is not None:
+        meta["metadata"] = {k: dict(v) for k, v in state_dict._metadata.items()}
+    ckpt = {"params": params, "masks": _mirror(params, masks)}
+    if stats:
+        ckpt["batch_stats"] = stats
+    ckpt["torch"] = {"recipe": json.dumps(meta)}
+    if extra:
+        ckpt["torch"]["extra"] = extra
+    return ckpt
+
+
+# ---------------------------------------------------------------------------- Flax -> torch
+
+
+def _entries(ckpt: Mapping, template) -> tuple[list, dict, dict | None]:
+    """(entries (key, target, layout, mask dtype or None), extra values, torch metadata)."""
+    torch_meta = ckpt.get("torch") or {}
+    extra = dict(torch_meta.get("extra") or {})
+    if template is not None:
+        if isinstance(template, torch.nn.Module):
+            template = template.state_dict()
+        template, _ = _state_dict_of(template)
+        flax = {"params": ckpt["params"]}
+        if ckpt.get("batch_stats"):
+            flax["batch_stats"] = ckpt["batch_stats"]
+        recipe = _layout.plan({k: tuple(v.shape) for k, v in template.items()}, flax)
+        for key, target, _ in recipe:
+            if target[0] == "extra" and key not in extra:
+                extra[key] = _arrays.to_numpy(template[key])
+        entries = [
+            (k, t, lay, _arrays.dtype_name(template[k].dtype) if t[0] == "masks" else None)
+            for k, t, lay in recipe
+        ]
+        return entries, extra, getattr(template, "_metadata", None)
+    if "recipe" in torch_meta:
+        meta = json.loads(str(torch_meta["recipe"]))
+        if meta.get("version") != RECIPE_VERSION:
+            raise ValueError(
+                f"ckpt['torch']['recipe'] has version {meta.get('version')!r}, expected "
+                f"{RECIPE_VERSION}"
+            )
+        entries = [
+            (k, tuple(t), lay, dt if t[0] == "masks" else None) for k, t, lay, dt in meta["keys"]
+        ]
+        return entries, extra, meta.get("metadata")
+    entries = []
+    for key, target, layout, synthesized in _layout.default_recipe(
+        ckpt["params"], ckpt.get("batch_stats")
+    ):
+        if synthesized and key not in extra:
+            extra[key] = np.zeros((), np.int64)
+        entries.append((key, target, layout, None))
+    return entries, extra, None
+
+
+def _adapt(entries: list, masks: Mapping) -> list:
+    """Entries for the masks the checkpoint has now: a mask added since the recipe was recorded
+    turns `X` into `X_orig` + `X_mask` (the mask after the module's last key); a mask removed turns
+    `X_orig` back into `X`."""
+    pruned = {t[1:] for _, t, _, _ in entries if t[0] == "masks"}
+    last = {}
+    for i, (key, _, _, _) in enumerate(entries):
+        last[key.rpartition(".")[0]] = i
+    out, pending = [], {}
+    for i, (key, target, layout, dtype) in enumerate(entries):
+        module, _, attr = key.rpartition(".")
+        prefix = f"{module}." if module else ""
+        if target[0] == "params":
+            path = target[1:]
+            has_mask = _present(_tree_get(masks, path))
+            if path in pruned and not has_mask:
+                key = prefix + attr.removesuffix("_orig")
+            elif path not in pruned and has_mask:
+                pending.setdefault(module, []).append(
+                    (prefix + attr + "_mask", ("masks", *path), layout, None)
+                )
+                key = prefix + attr + "_orig"
+            out.append((key, target, layout, dtype))
+        elif target[0] == "masks":
+            if _present(_tree_get(masks, target[1:])):
+                out.append((key, target, layout, dtype))
+        else:
+            out.append((key, target, layout, dtype))
+        if last[module] == i:
+            out.extend(pending.pop(module, []))
+    return out
+
+
+def _check_covered(entries: list, ckpt: Mapping) -> None:
+    targets = {t for _, t, _, _ in entries}
+    for coll in ("params", "batch_stats"):
+        for path, _ in _leaf_paths(ckpt.get(coll) or {}):
+            if (coll, *path) not in targets:
+                raise ValueError(
+                    f"{coll} leaf '{'/'.join(path)}' has no torch name: it is not in "
+                    "ckpt['torch']['recipe'] (recorded by from_torch); pass template= (the torch "
+                    "state_dict or module) or drop ckpt['torch'] to use default names"
+                )
+    for path, m in _leaf_paths(ckpt.get("masks") or {}):
+        if m is not None and _tree_get(ckpt["params"], path) is _MISSING:
+            raise ValueError(f"mask at '{'/'.join(path)}' has no params leaf")
+
+
+def _mask_values(path: tuple[str, ...], mask, param: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    where = "/".join(path)
+    if mask.shape != param.shape:
+        raise ValueError(f"mask at {where} has shape {mask.shape}, expected {param.shape}")
+    if mask.dtype != np.bool_:
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"mask at {where} is not binary (dtype {mask.dtype}); expected bool")
+        mask = mask != 0
+    return mask
+
+
+def to_torch(ckpt: Mapping, template=None) -> "OrderedDict[str, torch.Tensor]":
+    """Converts a Flax checkpoint dict back to a torch state_dict.
+
+    For a checkpoint made by `from_torch`, `to_torch(from_torch(sd))` reproduces `sd` exactly:
+    every key in order, shape, dtype (mask dtypes included) and bit pattern, `num_batches_tracked`
+    and unknown keys included. Masks added or removed since (e.g. by `jprune.l1_unstructured` or
+    `jprune.remove`) turn `X` into `X_orig` + `X_mask` or back. Without a recorded recipe, torch
+    names follow the Flax names (`kernel`/`scale`/`embedding` -> `weight`; `mean`/`var` ->
+    `running_mean`/`running_var`, plus `num_batches_tracked` = 0), masks get the parameter's dtype,
+    and `template` (a torch state_dict or module) can supply the torch names instead.
+
+    Args:
+      ckpt: `{"params", "masks" (optional), "batch_stats" (optional), "torch" (optional)}`.
+      template: optional torch state_dict or nn.Module naming the torch side.
+
+    Returns:
+      An OrderedDict of fresh CPU tensors, ready for `load_state_dict`.
+
+    Raises:
+      ValueError: a mask that is not binary or has the wrong shape, a leaf without a torch name,
+        or a template that does not match.
+
+    Examples:
+      >>> import numpy as np
+      >>> from jprune.interop import to_torch
+      >>> ckpt = {"params": {"fc": {"kernel": np.ones((3, 2), np.float32)}},
+      ...         "masks": {"fc": {"kernel": np.array([[1, 0], [1, 1], [0, 1]], bool)}}}
+      >>> sd = to_torch(ckpt)
+      >>> list(sd), tuple(sd["fc.weight_orig"].shape), sd["fc.weight_mask"].tolist()
+      (['fc.weight_orig', 'fc.weight_mask'], (2, 3), [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    """
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("params"), Mapping):
+        raise TypeError("Expected a checkpoint dict with a 'params' dict (as from_torch returns)")
+    masks = ckpt.get("masks") or {}
+    entries, extra, metadata = _entries(ckpt, template)
+    entries = _adapt(entries, masks)
+    _check_covered(entries, ckpt)
+    out = OrderedDict()
+    for key, target, layout, dtype in entries:
+        coll, path = target[0], target[1:]
+        if coll == "extra":
+            if key not in extra:
+                raise ValueError(
+                    f"'{key}' is listed in the recipe but missing from ckpt['torch']['extra']"
+                )
+            out[key] = _arrays.to_torch(extra[key])
+            continue
+        tree = ckpt["params"] if coll in ("params", "masks") else ckpt.get("batch_stats") or {}
+        value = _tree_get(tree, path)
+        if value is _MISSING:
+            raise ValueError(f"'{key}' expects {'/'.join(target)} in the checkpoint; it is missing")
+        value = np.asarray(value)
+        if coll == "masks":
+            value = _mask_values(path, _tree_get(masks, path), value)
+        perm = _layout.to_torch_perm(layout, value.ndim)
+        if perm is not None:
+            value = value.transpose(perm)
+        tensor = _arrays.to_torch(value)
+        if coll == "masks":
+            param_dtype = _arrays.to_torch_dtype(np.asarray(_tree_get(ckpt["params"], path)))
+            tensor = tensor.to(_arrays.torch_dtype(dtype) if dtype else param_dtype)
+        out[key] = tensor
+    if metadata is not None:
+        out._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())
+    return out
