@@ -109,7 +109,7 @@ def _default_fit(module: str, attrs: dict[str, _Attr]) -> dict[str, tuple[str, s
     """attr -> (collection, leaf, layout) by the documented default rules (no template)."""
     fit = {}
     weight, bias = attrs.get("weight"), attrs.get("bias")
-    for name, a in attrs.items():
+    for name in attrs:
         if name in _STATS:
             fit[name] = ("batch_stats", _STATS[name], "same")
         elif name == "bias":

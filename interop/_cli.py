@@ -1,0 +1,94 @@
+"""The `jprune` command: `jprune inspect FILE [--json]`, `jprune convert SRC DST`."""
+
+import argparse
+import json
+import pickle
+import sys
+
+from . import _files, _inspect
+
+
+def _table(summary: dict) -> str:
+    head = ("name", "shape", "dtype", "pruned", "sparsity")
+    rows = [
+        (
+            r["name"],
+            "(" + ", ".join(map(str, r["shape"])) + ")",
+            r["dtype"],
+            f"{r['pruned']}/{r['numel']}",
+            f"{100 * r['sparsity']:.2f}%",
+        )
+        for r in summary["tensors"]
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
+    lines = [
+        "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in [head, *rows]
+    ]
+    n = len(summary["tensors"])
+    lines.append(
+        f"global sparsity: {100 * summary['sparsity']:.2f}% "
+        f"({summary['pruned']} of {summary['numel_pruned_tensors']} entries in {n} pruned "
+        f"tensor{'s' if n != 1 else ''}; {summary['numel_params']} parameters in all)"
+    )
+    return "\n".join(lines)
+
+
+def _template(path):
+    obj = _files.load(path)
+    if isinstance(obj, dict) and "params" in obj:  # a Flax checkpoint: its variables
+        return {k: obj[k] for k in ("params", "batch_stats") if obj.get(k)}
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the `jprune` command line; returns the exit status (0 ok, 1 bad input, 2 usage).
+
+    Args:
+      argv: the arguments after the program name; None reads `sys.argv`.
+
+    Returns:
+      The exit status.
+
+    Examples:
+      >>> import os, tempfile, torch
+      >>> from jprune.interop import save
+      >>> from jprune.interop._cli import main
+      >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
+      >>> save({"fc.weight_orig": torch.ones(2, 2), "fc.weight_mask": torch.eye(2)}, path)
+      >>> main(["inspect", path])
+      name       shape   dtype    pruned  sparsity
+      fc.weight  (2, 2)  float32  2/4     50.00%
+      global sparsity: 50.00% (2 of 4 entries in 1 pruned tensor; 4 parameters in all)
+      0
+    """
+    parser = argparse.ArgumentParser(
+        prog="jprune", description="Pruned checkpoints between PyTorch and Flax."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_inspect = sub.add_parser("inspect", help="list the pruned tensors of a checkpoint")
+    p_inspect.add_argument("file", help=".pt, .pth, .safetensors, .msgpack or an orbax directory")
+    p_inspect.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p_convert = sub.add_parser("convert", help="convert a checkpoint; direction by extension")
+    p_convert.add_argument("src")
+    p_convert.add_argument("dst")
+    p_convert.add_argument(
+        "--template",
+        help="names/layouts for the other side: a Flax file (torch -> Flax) or a torch file "
+        "(Flax -> torch)",
+    )
+    p_convert.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            summary = _inspect.summarize(args.file)
+            print(json.dumps(summary, indent=2) if args.json else _table(summary))
+        else:
+            template = _template(args.template) if args.template else None
+            progress = False if args.no_progress else None
+            _files.convert(args.src, args.dst, template=template, progress=progress)
+            print(f"wrote {args.dst}")
+    except (ValueError, TypeError, OSError, pickle.UnpicklingError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"jprune: error: {message}", file=sys.stderr)
+        return 1
+    return 0
