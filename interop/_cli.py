@@ -22,7 +22,8 @@ def _table(summary: dict) -> str:
     ]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
     lines = [
-        "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in [head, *rows]
+        "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        for row in [head, *rows]
     ]
     n = len(summary["tensors"])
     lines.append(
