@@ -36,3 +36,26 @@ __all__ = [
     "remove",
     "sparsity",
 ]
+
+# --- training (jprune/_train.py) ---
+from ._train import KeepPrunedState as KeepPrunedState
+from ._train import constant_sparsity as constant_sparsity
+from ._train import get_masks as get_masks
+from ._train import keep_pruned as keep_pruned
+from ._train import one_shot_sparsity as one_shot_sparsity
+from ._train import polynomial_sparsity as polynomial_sparsity
+from ._train import prune_to_sparsity as prune_to_sparsity
+from ._train import set_masks as set_masks
+from ._train import update_masks as update_masks
+
+__all__ += [
+    "KeepPrunedState",
+    "constant_sparsity",
+    "get_masks",
+    "keep_pruned",
+    "one_shot_sparsity",
+    "polynomial_sparsity",
+    "prune_to_sparsity",
+    "set_masks",
+    "update_masks",
+]

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._tree import path_str
+
 __all__ = [
     "KeepPrunedState",
     "keep_pruned",
@@ -33,43 +35,36 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
-def _path_str(path: tuple) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts) or "<root>"
-
-
 def _check_masks(params: Any, masks: Any) -> None:
-    """Raises if ``masks`` does not mirror ``params`` (arrays of the leaf shape, or None)."""
+    """Raises unless ``masks`` mirrors ``params``: a bool array of the leaf's shape, or None.
 
-    def check(path, p, m):
-        if m is None:
-            return
-        if not hasattr(m, "shape"):
-            raise TypeError(
-                f"mask at {_path_str(path)} must be an array or None, got {type(m).__name__}"
-            )
-        if tuple(m.shape) != tuple(jnp.shape(p)):
-            raise ValueError(
-                f"mask at {_path_str(path)} has shape {tuple(m.shape)}, "
-                f"expected {tuple(jnp.shape(p))}"
-            )
-
-    try:
-        jax.tree.map_with_path(check, params, masks)
-    except ValueError as e:
-        if "mask at" in str(e):
-            raise
+    Matched by path, so NNX ``State`` params holding ``Variable``s (what ``nnx.Optimizer`` passes
+    to ``init``) accept plain-array masks (what it passes to ``update``).
+    """
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_masks = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
+    shapes = {path_str(path): jnp.shape(p) for path, p in flat_params}
+    if len(flat_masks) != len(flat_params):
         raise ValueError(
             "masks must mirror params: the same pytree structure, with a bool array of the "
-            f"leaf's shape where a leaf is pruned and None where it is not. Got: {e}"
-        ) from None
+            "leaf's shape where a leaf is pruned and None where it is not; got "
+            f"{len(flat_masks)} mask entries for {len(flat_params)} param leaves"
+        )
+    for path, m in flat_masks:
+        if m is None:
+            continue
+        where = path_str(path)
+        if where not in shapes:
+            raise ValueError(f"mask at {where} has no parameter; the paths are {list(shapes)}")
+        if not hasattr(m, "shape") or jnp.result_type(m) != jnp.bool_:
+            raise TypeError(
+                f"mask at {where} must be a bool array or None, got "
+                f"{getattr(m, 'dtype', type(m).__name__)}"
+            )
+        if tuple(m.shape) != tuple(shapes[where]):
+            raise ValueError(
+                f"mask at {where} has shape {tuple(m.shape)}, expected {tuple(shapes[where])}"
+            )
 
 
 class KeepPrunedState(NamedTuple):
@@ -215,7 +210,14 @@ def set_masks(opt_state: Any, masks: Any) -> Any:
             f"got {new_def}, expected {old_def}; start from all-True masks (jp.identity) on "
             "every leaf you will prune"
         )
-    _check_masks(old, masks)
+    for (path, o), n in zip(
+        jax.tree_util.tree_flatten_with_path(old)[0], jax.tree.leaves(masks), strict=True
+    ):
+        if jnp.shape(o) != jnp.shape(n) or jnp.result_type(o) != jnp.result_type(n):
+            raise ValueError(
+                f"mask at {path_str(path)} has shape {jnp.shape(n)} and dtype "
+                f"{jnp.result_type(n)}, expected {jnp.shape(o)} and {jnp.result_type(o)}"
+            )
     return jax.tree.map(
         lambda s: s._replace(masks=masks) if _is_state(s) else s, opt_state, is_leaf=_is_state
     )
