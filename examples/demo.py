@@ -87,11 +87,11 @@ def plot(path, results, dense_acc, gradual, layer_bars):
     for i, (label, values) in enumerate(layer_bars.items()):
         pos = np.arange(len(LAYERS)) + (i - (len(layer_bars) - 1) / 2) * width
         ax2.bar(pos, values, width, label=label)
-    ax2.set_xticks(np.arange(len(LAYERS)), [f"{n}.weight" for n in LAYERS])
-    ax2.set(ylabel="sparsity (%)", ylim=(0, 100))
+    ax2.set_xticks(np.arange(len(LAYERS)), LAYERS)
+    ax2.set(xlabel="weight", ylabel="sparsity (%)", ylim=(0, 115))
     ax2.set_title("per-layer sparsity (global pruning decides the split)")
     ax2.grid(axis="y", alpha=0.3)
-    ax2.legend(loc="lower left")
+    ax2.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
