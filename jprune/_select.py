@@ -3,16 +3,25 @@
 Scores become uint32 *keys* whose integer order is the score order (for ``|x|`` of a float, the bit
 pattern itself: ``+0 < subnormals < ... < inf < NaN``). The k-th smallest key is found by radix
 selection: a histogram of the high 16 bits finds the bucket holding it, a histogram of the low 16 bits
-inside that bucket finds the key. Every count is a reduction, so the same code runs on sharded arrays
-without gathering them. On GPUs, where scatter-add histograms contend on atomics, a sort finds the key
-instead (measured in issue #2: sort is faster there; histograms are ~100x faster on CPU).
+inside that bucket finds the key, and one last pass writes the mask. Every count is a reduction, so
+the same code runs on sharded arrays without gathering them. On GPUs, where scatter-add histograms
+contend on atomics, a sort finds the key instead (issue #2 measured sort ahead there, histograms far
+ahead on CPU); small inputs sort too.
 
 Ties at the k-th key are broken by flat index, lowest first (the order of ``jax.lax.top_k``), by a
 second selection over the tied entries' indices, run only when it is needed. torch breaks ties in an
 implementation-defined order that cannot be matched; every tie-free input gives torch's answer.
+
+Keys are never materialised: each *source* is ``(keyfn, args)`` and every pass recomputes
+``keyfn(*args)`` inside its own jitted kernel, fused with the pass. Called eagerly, the passes are
+separate dispatches per leaf (on XLA:CPU this runs about 2x faster than one program holding every
+leaf); under an outer ``jit`` they inline into it.
 """
 
 from __future__ import annotations
+
+import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -24,81 +33,127 @@ _BINS = 1 << 16
 
 def abs_keys(x):
     """uint32 keys ordering ``|x|`` like torch ranks floats: NaN above +inf (float dtypes <= 32 bit)."""
-    x = jnp.abs(x.astype(jnp.float32))
-    return lax.bitcast_convert_type(x, jnp.uint32)
+    return lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
+
+
+def given(keys):
+    """The key function of keys that are already computed."""
+    return keys
 
 
 def use_histogram(total: int, method: str = "auto") -> bool:
     """The method choice: histograms on CPU for large inputs, a sort elsewhere (or when small)."""
+    if method not in ("auto", "hist", "sort"):
+        raise ValueError(f"method must be 'auto', 'hist' or 'sort', got {method!r}")
     if method != "auto":
         return method == "hist"
     return jax.default_backend() == "cpu" and total > _BINS
 
 
-def _histogram(keys, shift, bucket=None):
-    """Counts of the 16-bit digit ``(key >> shift) & 0xFFFF`` over all keys (or one bucket)."""
-    hist = jnp.zeros(_BINS, jnp.int32)
-    for x in keys:
-        digit = (x >> shift) & 0xFFFF
-        if bucket is not None:  # keys outside the bucket are dropped by an out-of-range index
-            digit = jnp.where((x >> 16) == bucket, digit, _BINS)
-        hist = hist.at[digit.ravel()].add(1, mode="drop")
-    return hist
+def _index(x, off):
+    return off + jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
 
 
+def _keys(keyfn, args, tie):
+    """The keys of one source; with ``tie=(t, off)``, the flat indices of the entries keyed ``t``."""
+    x = keyfn(*args)
+    if tie is not None:
+        t, off = tie
+        x = jnp.where(x == t, _index(x, off), jnp.uint32(SENTINEL))
+    return x
+
+
+@partial(jax.jit, static_argnames=("keyfn", "shift"))
+def _hist(keyfn, args, tie, bucket, *, shift):
+    """Counts of the 16-bit digit ``(key >> shift) & 0xFFFF`` (only keys in ``bucket``, if given)."""
+    x = _keys(keyfn, args, tie)
+    digit = (x >> shift) & 0xFFFF
+    if bucket is not None:  # keys outside the bucket get an out-of-range index and are dropped
+        digit = jnp.where((x >> 16) == bucket, digit, _BINS)
+    return jnp.zeros(_BINS, jnp.int32).at[digit.ravel()].add(1, mode="drop")
+
+
+@jax.jit
 def _find(hist, k, before):
-    """First digit whose running count (from ``before``) reaches ``k``; counts below it and at it."""
-    run = before + jnp.cumsum(hist)
-    d = jnp.searchsorted(run, k, side="left").astype(jnp.uint32)
-    d = jnp.minimum(d, _BINS - 1)
-    return d, run[d] - hist[d], hist[d]
+    """First digit whose running count (from ``before``) reaches ``k``; counts below it and at it.
+
+    Two levels of 256 (row sums, then one row) instead of a 65536-long cumsum.
+    """
+    rows = hist.reshape(256, 256)
+    run = before + jnp.cumsum(jnp.sum(rows, axis=1))
+    r = jnp.minimum(jnp.searchsorted(run, k, side="left"), 255)
+    row = rows[r]
+    run = run[r] - jnp.sum(row) + jnp.cumsum(row)
+    c = jnp.minimum(jnp.searchsorted(run, k, side="left"), 255)
+    return (r * 256 + c).astype(jnp.uint32), run[c] - row[c], row[c]
 
 
-def kth_smallest(keys, k, hist: bool):
-    """The k-th smallest key (1-based) over a list of uint32 arrays, with the counts below and at it."""
+@partial(jax.jit, static_argnames=("keyfn",))
+def _materialize(keyfn, args, tie):
+    return _keys(keyfn, args, tie).ravel()
+
+
+@partial(jax.jit, static_argnames=("keyfn",))
+def _count(keyfn, args, tie, t):
+    x = _keys(keyfn, args, tie)
+    return jnp.sum(x < t, dtype=jnp.int32), jnp.sum(x == t, dtype=jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("keyfn",))
+def _keep(keyfn, args, t, last, off, k):
+    x = keyfn(*args)
+    chosen = ((x < t) | ((x == t) & (_index(x, off) <= last))) & (k > 0)
+    return (x != jnp.uint32(SENTINEL)) & ~chosen
+
+
+def _cond(pred, true_fn, false_fn):
+    """``lax.cond`` under a trace; a plain ``if`` on a concrete predicate (no branch compilation)."""
+    if isinstance(pred, jax.core.Tracer):
+        return lax.cond(pred, true_fn, false_fn)
+    return true_fn() if pred else false_fn()
+
+
+def kth_smallest(sources, k, hist: bool, ties=None):
+    """The k-th smallest key (1-based) over all sources, with the counts below it and at it."""
+    ties = ties or [None] * len(sources)
     if hist:
-        b, below, _ = _find(_histogram(keys, 16), k, 0)
-        lo, below, at = _find(_histogram(keys, 0, bucket=b), k, below)
+        h = sum(_hist(f, a, tie, None, shift=16) for (f, a), tie in zip(sources, ties))
+        b, below, _ = _find(h, k, 0)
+        h = sum(_hist(f, a, tie, b, shift=0) for (f, a), tie in zip(sources, ties))
+        lo, below, at = _find(h, k, below)
         return (b << 16) | lo, below, at
-    flat = jnp.concatenate([x.ravel() for x in keys])
+    flat = jnp.concatenate([_materialize(f, a, tie) for (f, a), tie in zip(sources, ties)])
     t = jnp.sort(flat)[k - 1]
-    below = sum(jnp.sum(x < t, dtype=jnp.int32) for x in keys)
-    at = sum(jnp.sum(x == t, dtype=jnp.int32) for x in keys)
-    return t, below, at
+    counts = [_count(f, a, tie, t) for (f, a), tie in zip(sources, ties)]
+    return t, sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
-def smallest(keys, k, *, method: str = "auto"):
-    """Boolean masks marking exactly the ``k`` smallest keys across the list, ties by flat index.
+def prune_smallest(sources, k, *, method: str = "auto"):
+    """Keep masks: every candidate except exactly the ``k`` smallest keys, ties by flat index.
 
     Args:
-      keys: uint32 arrays (non-candidates hold ``SENTINEL``); flat indices run through them in order.
-      k: traced int32 count, ``0 <= k <=`` the number of candidates.
+      sources: ``(keyfn, args)`` pairs; ``keyfn(*args)`` gives a uint32 key array of the shape of
+        ``args[0]`` (non-candidates hold ``SENTINEL``); flat indices run through the sources in
+        order. ``keyfn`` is a static, hashable function.
+      k: the count (int or int32 scalar, traced or not), ``0 <= k <=`` the number of candidates.
       method: ``"auto"``, ``"hist"`` or ``"sort"``.
 
     Returns:
-      One bool array per key array, True where selected.
+      One bool array per source: True for candidates (keys below ``SENTINEL``) not among the k.
     """
-    total = sum(x.size for x in keys)
+    sizes = [math.prod(jnp.shape(a[0])) for _, a in sources]
+    total = sum(sizes)
     if total >= SENTINEL:
         raise ValueError(f"Cannot select among {total} entries: at most {SENTINEL - 1} are supported.")
     hist = use_histogram(total, method)
+    offsets = [jnp.uint32(sum(sizes[:i])) for i in range(len(sizes))]
+    k = jnp.asarray(k, jnp.int32)
     k1 = jnp.maximum(k, 1)
-    t, below, at = kth_smallest(keys, k1, hist)
+    t, below, at = kth_smallest(sources, k1, hist)
     take = k1 - below  # how many of the `at` entries tied at t are selected (1..at)
-    offsets, acc = [], 0
-    for x in keys:
-        offsets.append(acc)
-        acc += x.size
-
-    def index(x, off):
-        return jnp.uint32(off) + jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
-
-    def cut():
-        tied = [jnp.where(x == t, index(x, off), jnp.uint32(SENTINEL)) for x, off in zip(keys, offsets)]
-        return kth_smallest(tied, take, hist)[0]
-
-    last = lax.cond(take < at, cut, lambda: jnp.uint32(SENTINEL))
-    return [
-        ((x < t) | ((x == t) & (index(x, off) <= last))) & (k > 0)
-        for x, off in zip(keys, offsets)
-    ]
+    last = _cond(
+        take < at,
+        lambda: kth_smallest(sources, take, hist, [(t, off) for off in offsets])[0],
+        lambda: jnp.uint32(SENTINEL),
+    )
+    return [_keep(f, a, t, last, off, k) for (f, a), off in zip(sources, offsets)]

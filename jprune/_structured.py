@@ -98,7 +98,7 @@ def _prune(values, masks, scores, rngs, k, *, axes, n, kind, from_amount):
             keys = jnp.where(live, keys, jnp.uint32(_select.SENTINEL))
         left = c if live is None else jnp.sum(live, dtype=jnp.int32)
         ki = _amount.count_traced(k, left) if from_amount else k[i]
-        keep = ~expand(_select.smallest([keys], ki, method="sort")[0], v.shape, axis)
+        keep = expand(_select.prune_smallest([(_select.given, (keys,))], ki)[0], v.shape, axis)
         out.append(keep if m is None else m & keep)
     return out
 

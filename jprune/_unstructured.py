@@ -11,7 +11,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import _amount, _select
 from ._tree import Tree, effective
@@ -29,9 +28,9 @@ def score_keys(s):
     return rank.reshape(s.shape)
 
 
-def random_keys(key, shape):
-    """Uniform random 31-bit keys: pruning the k smallest prunes a uniform random k-subset."""
-    return jax.random.bits(key, shape, jnp.uint32) >> 1
+def l1_keys(value, mask, score):
+    """Keys of ``|score|`` (default ``value * mask``); already-pruned entries get the sentinel."""
+    return candidate_keys(score_keys(effective(value, mask) if score is None else score), mask)
 
 
 def candidate_keys(keys, mask):
@@ -39,57 +38,41 @@ def candidate_keys(keys, mask):
     return keys if mask is None else jnp.where(mask, keys, jnp.uint32(_select.SENTINEL))
 
 
-def remaining(mask, size):
-    return size if mask is None else jnp.sum(mask, dtype=jnp.int32)
+@partial(jax.jit, static_argnames="shape")
+def random_keys(key, shape):
+    """Uniform random 31-bit keys: pruning the k smallest prunes a uniform random k-subset."""
+    return jax.random.bits(key, shape, jnp.uint32) >> 1
 
 
-def leaf_keys(kind, value, mask, score, rng):
-    """Keys of one leaf: ``|score|`` (default ``value * mask``) for "l1", random bits for "random"."""
-    if kind == "random":
-        return random_keys(rng, value.shape)
-    return score_keys(effective(value, mask) if score is None else score)
+@jax.jit
+def remaining(masks):
+    """Number of unpruned entries of each mask (None: not counted here)."""
+    return [None if m is None else jnp.sum(m, dtype=jnp.int32) for m in masks]
 
 
-@partial(jax.jit, static_argnames=("joint", "from_amount", "kind", "method"))
-def _prune(values, masks, scores, rngs, k, *, joint, from_amount, kind, method):
-    """Prune ``k`` candidates per leaf (``joint=False``) or across all leaves (``joint=True``).
-
-    ``k`` is the count(s), or the traced amount when ``from_amount``.
-    """
-    keys = [
-        candidate_keys(leaf_keys(kind, v, m, s, r), m)
-        for v, m, s, r in zip(values, masks, scores, rngs)
-    ]
-    n = [remaining(m, x.size) for x, m in zip(keys, masks)]
-    if joint:
-        kk = _amount.count_traced(k, sum(n)) if from_amount else k
-        pruned = _select.smallest(keys, kk, method=method)
-    else:
-        pruned = [
-            _select.smallest([x], _amount.count_traced(k, ni) if from_amount else k[i], method=method)[0]
-            for i, (x, ni) in enumerate(zip(keys, n))
-        ]
-    return [~p if m is None else m & ~p for p, m in zip(pruned, masks)]
+count_traced = jax.jit(_amount.count_traced)
 
 
 def counts(tree: Tree, idx, amount, *, joint: bool):
-    """Host counts with torch's validation, or None when they must be computed on the device."""
+    """The count(s) k: torch's rule and errors on the host, or on the device for a traced amount."""
     _amount.validate(amount)
     masks = [tree.masks[i] for i in idx]
-    if _amount.is_traced(amount) or tree.any_traced(idx):
-        return None
-    sizes = [tree.values[i].size for i in idx]
-    if any(m is not None for m in masks):  # remaining counts depend on the masks: one host sync
-        sizes = np.asarray(jax.jit(lambda ms: [remaining(m, s) for m, s in zip(ms, sizes)])(masks))
+    sizes = [tree.values[i].size if n is None else n for i, n in zip(idx, remaining(masks))]
+    if _amount.is_traced(amount) or tree.any_traced(idx):  # no host sync, no exceptions
+        amount = amount if _amount.is_traced(amount) else _amount.as_device_amount(amount)
+        if joint:
+            return count_traced(amount, sum(sizes))
+        return [count_traced(amount, n) for n in sizes]
+    sizes = [int(n) for n in jax.device_get(sizes)]
     if joint:
-        return jnp.asarray(_amount.count(amount, int(np.sum(sizes))), jnp.int32)
+        return _amount.count(amount, sum(sizes))
     ks = []
     for i, n in zip(idx, sizes):
         try:
-            ks.append(_amount.count(amount, int(n)))
+            ks.append(_amount.count(amount, n))
         except ValueError as e:
             raise ValueError(f"{tree.paths[i]}: {e}") from None
-    return jnp.asarray(ks, jnp.int32)
+    return ks
 
 
 def run(tree: Tree, idx, amount, *, kind: str, joint: bool, key=None, method: str = "auto"):
@@ -97,21 +80,18 @@ def run(tree: Tree, idx, amount, *, kind: str, joint: bool, key=None, method: st
     if kind == "random" and key is None:
         raise TypeError("random pruning needs an explicit PRNG key: pass key=jax.random.key(0)")
     k = counts(tree, idx, amount, joint=joint)
-    from_amount = k is None
-    if from_amount:
-        k = amount if _amount.is_traced(amount) else _amount.as_device_amount(amount)
-    rngs = list(jax.random.split(key, len(idx))) if kind == "random" else [None] * len(idx)
-    new = _prune(
-        [tree.values[i] for i in idx],
-        [tree.masks[i] for i in idx],
-        [tree.scores[i] for i in idx],
-        rngs,
-        k,
-        joint=joint,
-        from_amount=from_amount,
-        kind=kind,
-        method=method,
-    )
+    if kind == "random":
+        keys = jax.random.split(key, len(idx))
+        sources = [
+            (candidate_keys, (random_keys(keys[j], tree.values[i].shape), tree.masks[i]))
+            for j, i in enumerate(idx)
+        ]
+    else:
+        sources = [(l1_keys, (tree.values[i], tree.masks[i], tree.scores[i])) for i in idx]
+    if joint:
+        new = _select.prune_smallest(sources, k, method=method)
+    else:
+        new = [_select.prune_smallest([s], ki, method=method)[0] for s, ki in zip(sources, k)]
     return tree.with_masks(dict(zip(idx, new)))
 
 
