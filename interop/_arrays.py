@@ -65,32 +65,64 @@ def is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def _transpose2d(a: np.ndarray, tile: int = 128) -> np.ndarray:
+    """`a.T` as a new C-contiguous array, copied tile by tile (cache-friendly, ~2x numpy's)."""
+    rows, cols = a.shape
+    out = np.empty((cols, rows), a.dtype)
+    for i in range(0, rows, tile):
+        for j in range(0, cols, tile):
+            out[j : j + tile, i : i + tile] = a[i : i + tile, j : j + tile].T
+    return out
+
+
+def permuted(t: torch.Tensor, perm: tuple[int, ...] | None, *, copy: bool) -> np.ndarray:
+    """A C-contiguous numpy array of `t.permute(perm)`; a view of `t` when no copy is needed.
+
+    Never a strided view: consumers that ignore strides (DLPack importers) must see the layout
+    the shape promises.
+    """
+    t = t.detach()
+    if perm is None:
+        out = t.contiguous()
+        if copy and out.data_ptr() == t.data_ptr():
+            out = out.clone()
+        return to_numpy(out)
+    if perm == (1, 0):
+        return _transpose2d(to_numpy(t))
+    out = torch.empty([t.shape[i] for i in perm], dtype=t.dtype)
+    out.copy_(t.permute(perm))
+    return to_numpy(out)
+
+
 def bool_mask(key: str, mask: torch.Tensor, perm: tuple[int, ...] | None) -> np.ndarray:
     """`mask != 0` as a bool array in the layout `perm`; ValueError unless every entry is 0 or 1.
 
-    One pass writes the bool result, two integer reductions check it: a float mask is compared
-    bitwise with 1.0, so -0.0, NaN, 0.5 or 2 are caught (the count of nonzero bit patterns must
-    equal the count of exact ones) and the round trip back to the mask dtype is bit-exact.
+    A float mask is compared bitwise with 1.0, and the count of exact ones must equal the count
+    of nonzero bit patterns, so -0.0, NaN, 0.5 or 2 are caught and the round trip back to the
+    mask dtype is bit-exact.
     """
-    mask = mask.detach()
+    mask = mask.detach().cpu()
+    if mask.is_complex():
+        raise ValueError(f"mask '{key}' has dtype {mask.dtype}, expected a real or bool dtype")
     if mask.dtype == torch.bool:
         bits, one = mask, True
     elif mask.is_floating_point():
         bits = mask.view(_INT_OF_WIDTH[mask.element_size()])
         one = torch.ones((), dtype=mask.dtype).view(bits.dtype).item()
-    elif not mask.is_complex():
-        bits, one = mask, 1
     else:
-        raise ValueError(f"mask '{key}' has dtype {mask.dtype}, expected a real or bool dtype")
-    src = bits if perm is None else bits.permute(perm)
-    out = torch.empty(src.shape, dtype=torch.bool)
-    torch.eq(src, one, out=out)
-    if mask.dtype != torch.bool and torch.count_nonzero(bits) != torch.count_nonzero(out):
-        flat_bits, flat = bits.reshape(-1), mask.reshape(-1)
-        bad = int(torch.nonzero((flat_bits != 0) & (flat_bits != one))[0, 0])
+        bits, one = mask, 1
+    bits_np = bits.contiguous().numpy()
+    ones = bits_np == one
+    if mask.dtype != torch.bool and np.count_nonzero(ones) != np.count_nonzero(
+        bits_np.astype(bool)
+    ):
+        flat_bits, flat = bits_np.reshape(-1), mask.reshape(-1)
+        bad = int(np.flatnonzero((flat_bits != 0) & (flat_bits != one))[0])
         raise ValueError(
             f"mask '{key}' is not binary: entry {bad} (row-major) is {flat[bad].item()!r}; "
             "expected only 0 and 1 (torch's custom_from_mask allows other values, jprune masks "
             "are bool)"
         )
-    return out.numpy()
+    if perm is None:
+        return ones
+    return torch.from_numpy(ones).permute(perm).contiguous().numpy()

@@ -57,7 +57,9 @@ def _state_dict_of(state_dict) -> tuple[Mapping, bool]:
     if isinstance(state_dict, str | os.PathLike):
         from ._files import load_torch
 
-        return load_torch(state_dict, mmap=True), True
+        # A memory-mapped .pt is copied out of the file; safetensors tensors are already owned.
+        mmap = os.fspath(state_dict).lower().endswith((".pt", ".pth"))
+        return load_torch(state_dict, mmap=mmap), mmap
     if not isinstance(state_dict, Mapping):
         raise TypeError(
             "Expected a state_dict (a mapping of str to torch.Tensor), an nn.Module or a file "
@@ -147,14 +149,7 @@ def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | N
         if target[0] == "masks":
             masks[target[1:]] = _arrays.bool_mask(key, t, perm)
             continue
-        if perm is not None:
-            out = torch.empty([t.shape[i] for i in perm], dtype=t.dtype)
-            out.copy_(t.detach().permute(perm))
-        else:
-            out = t.detach().contiguous()
-            if copy and out.data_ptr() == t.data_ptr():
-                out = out.clone()
-        value = _arrays.to_numpy(out)
+        value = _arrays.permuted(t, perm, copy=copy)
         if target[0] == "extra":
             extra[key] = value
         else:
@@ -216,35 +211,43 @@ def _entries(ckpt: Mapping, template) -> tuple[list, dict, dict | None]:
 
 
 def _adapt(entries: list, masks: Mapping) -> list:
-    """Entries for the masks the checkpoint has now: a mask added since the recipe was recorded
-    turns `X` into `X_orig` + `X_mask` (the mask after the module's last key); a mask removed turns
-    `X_orig` back into `X`."""
+    """Entries for the masks the checkpoint has now.
+
+    A mask added since the recipe was recorded turns `X` into `X_orig` + `X_mask`, placed as torch
+    places them (`X_orig` after the module's parameters, `X_mask` after its buffers); a mask
+    removed turns `X_orig` back into `X`.
+    """
     pruned = {t[1:] for _, t, _, _ in entries if t[0] == "masks"}
-    last = {}
-    for i, (key, _, _, _) in enumerate(entries):
-        last[key.rpartition(".")[0]] = i
-    out, pending = [], {}
+    last, last_param = {}, {}
+    for i, (key, target, _, _) in enumerate(entries):
+        module = key.rpartition(".")[0]
+        last[module] = i
+        if target[0] == "params":
+            last_param[module] = i
+    out, origs, new_masks = [], {}, {}
     for i, (key, target, layout, dtype) in enumerate(entries):
         module, _, attr = key.rpartition(".")
         prefix = f"{module}." if module else ""
+        entry = (key, target, layout, dtype)
         if target[0] == "params":
             path = target[1:]
             has_mask = _present(_tree_get(masks, path))
             if path in pruned and not has_mask:
-                key = prefix + attr.removesuffix("_orig")
+                entry = (prefix + attr.removesuffix("_orig"), target, layout, dtype)
             elif path not in pruned and has_mask:
-                pending.setdefault(module, []).append(
+                origs.setdefault(module, []).append((prefix + attr + "_orig", *entry[1:]))
+                new_masks.setdefault(module, []).append(
                     (prefix + attr + "_mask", ("masks", *path), layout, None)
                 )
-                key = prefix + attr + "_orig"
-            out.append((key, target, layout, dtype))
-        elif target[0] == "masks":
-            if _present(_tree_get(masks, target[1:])):
-                out.append((key, target, layout, dtype))
-        else:
-            out.append((key, target, layout, dtype))
+                entry = None
+        elif target[0] == "masks" and not _present(_tree_get(masks, target[1:])):
+            entry = None
+        if entry is not None:
+            out.append(entry)
+        if last_param.get(module) == i:
+            out.extend(origs.pop(module, []))
         if last[module] == i:
-            out.extend(pending.pop(module, []))
+            out.extend(new_masks.pop(module, []))
     return out
 
 

@@ -416,9 +416,10 @@ def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src}: no such file or directory")
     if src_kind == "torch":
-        sd = load_torch(src, mmap=True)
+        mmap = _suffix(src) != ".safetensors"
+        sd = load_torch(src, mmap=mmap)
         if dst_kind == "flax":
-            obj = _convert._from_torch(sd, template, copy=True, progress=progress)
+            obj = _convert._from_torch(sd, template, copy=mmap, progress=progress)
         else:
             obj = sd
     else:

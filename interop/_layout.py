@@ -127,15 +127,15 @@ def _default_fit(module: str, attrs: dict[str, _Attr]) -> dict[str, tuple[str, s
     elif nd == 2:
         raise ValueError(
             f"{where} is ambiguous: a Linear without bias (Flax kernel, transposed) or an "
-            "Embedding (Flax embedding, same layout)? Pass template= (the Flax params, e.g. "
-            "model.init(...)['params']) to decide"
+            "Embedding (Flax embedding, same layout)? Pass a template (template= or "
+            "--template: the Flax params, e.g. from jax.eval_shape(model.init, ...)) to decide"
         )
     elif 3 <= nd <= 5 and (bias is None or bias.shape == weight.shape[:1]):
         fit["weight"] = ("params", "kernel", "conv")
     else:
         raise ValueError(
             f"{where} has no default Flax layout (only Linear, Conv1d/2d/3d, Embedding and "
-            "norm layers have one); pass template= to decide"
+            "norm layers have one); pass a template (template= or --template) to decide"
         )
     return fit
 
@@ -186,7 +186,11 @@ def _is_leaf(x) -> bool:
 def _modules(tree: Mapping, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], dict]:
     """path -> {leaf name: shape} for every dict in `tree` that holds array leaves."""
     out = {}
-    leaves = {k: tuple(np.shape(v)) for k, v in tree.items() if _is_leaf(v) and v is not None}
+    leaves = {
+        k: tuple(v.shape) if hasattr(v, "shape") else np.shape(v)
+        for k, v in tree.items()
+        if _is_leaf(v) and v is not None
+    }
     if leaves:
         out[path] = leaves
     for k, v in tree.items():
