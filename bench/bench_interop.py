@@ -15,6 +15,7 @@ Peak memory is the largest resident-set growth during each step (sampled every m
 """
 
 import argparse
+import ctypes
 import gc
 import os
 import platform
@@ -27,6 +28,16 @@ import torch
 from jprune.interop import from_torch
 
 
+def _trim() -> None:
+    """Hand freed heap memory back to the OS, so every step starts from the same state (glibc
+    keeps freed blocks below its adaptive mmap threshold, which would hide page faults and RSS)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -36,7 +47,7 @@ class PeakRSS:
     """Largest RSS growth over the block, sampled by a thread (torch kernels release the GIL)."""
 
     def __enter__(self):
-        gc.collect()
+        _trim()
         self.base = self.peak = rss()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)

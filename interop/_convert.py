@@ -4,6 +4,7 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -142,18 +143,31 @@ def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | N
     extra: dict = {}
     keys = []
     total = sum(v.numel() * v.element_size() for v in state_dict.values())
-    for key, target, layout in _progress(recipe, total, progress, "torch -> flax"):
+
+    def convert_one(entry):
+        key, target, layout = entry
         t = state_dict[key]
-        keys.append([key, list(target), layout, _arrays.dtype_name(t.dtype)])
         perm = _layout.to_flax_perm(layout, t.ndim)
         if target[0] == "masks":
-            masks[target[1:]] = _arrays.bool_mask(key, t, perm)
-            continue
-        value = _arrays.permuted(t, perm, copy=copy)
-        if target[0] == "extra":
-            extra[key] = value
-        else:
-            _tree_set(params if target[0] == "params" else stats, target[1:], value)
+            return _arrays.bool_mask(key, t, perm)
+        return _arrays.permuted(t, perm, copy=copy)
+
+    # Tensors convert independently and numpy releases the GIL while copying, so a few threads
+    # overlap the copies (torch.load itself reads on one thread); results keep the recipe order.
+    workers = min(4, os.cpu_count() or 1) if total >= 64 * 2**20 else 1
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(convert_one, entry) for entry in recipe]
+        for (key, target, layout), future in zip(
+            recipe, _progress(futures, total, progress, "torch -> flax"), strict=True
+        ):
+            value = future.result()
+            keys.append([key, list(target), layout, _arrays.dtype_name(state_dict[key].dtype)])
+            if target[0] == "masks":
+                masks[target[1:]] = value
+            elif target[0] == "extra":
+                extra[key] = value
+            else:
+                _tree_set(params if target[0] == "params" else stats, target[1:], value)
     meta = {"version": RECIPE_VERSION, "keys": keys}
     if getattr(state_dict, "_metadata", None) is not None:
         meta["metadata"] = {k: dict(v) for k, v in state_dict._metadata.items()}
