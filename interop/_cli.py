@@ -13,7 +13,7 @@ def _table(summary: dict) -> str:
     rows = [
         (
             r["name"],
-            "(" + ", ".join(map(str, r["shape"])) + ")",
+            str(tuple(r["shape"])),
             r["dtype"],
             f"{r['pruned']}/{r['numel']}",
             f"{100 * r['sparsity']:.2f}%",

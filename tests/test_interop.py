@@ -493,3 +493,13 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save({"w": torch.zeros(2)}, tmp_path / "new.pt")
     assert os.listdir(tmp_path) == ["old.pt"] and (tmp_path / "old.pt").read_bytes() == before
+
+
+def test_convert_checkpoint_example(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
+    import convert_checkpoint
+
+    result = convert_checkpoint.main(["--smoke", "--out", str(tmp_path)])
+    assert result["diff"] < 1e-5 and result["back_diff"] < 1e-5 and result["agreement"] == 1.0
+    out = capsys.readouterr().out
+    assert "conv1/bias    (6,)" in out and "fc1.weight    (120, 400)" in out
