@@ -323,6 +323,10 @@ def to_torch(ckpt: Mapping, template=None) -> "OrderedDict[str, torch.Tensor]":
       >>> list(sd), tuple(sd["fc.weight_orig"].shape), sd["fc.weight_mask"].tolist()
       (['fc.weight_orig', 'fc.weight_mask'], (2, 3), [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
     """
+    return _to_torch(ckpt, template, progress=False)
+
+
+def _to_torch(ckpt: Mapping, template, *, progress: bool | None) -> "OrderedDict":
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("params"), Mapping):
         raise TypeError("Expected a checkpoint dict with a 'params' dict (as from_torch returns)")
     masks = ckpt.get("masks") or {}
@@ -330,7 +334,8 @@ def to_torch(ckpt: Mapping, template=None) -> "OrderedDict[str, torch.Tensor]":
     entries = _adapt(entries, masks)
     _check_covered(entries, ckpt)
     out = OrderedDict()
-    for key, target, layout, dtype in entries:
+    total = sum(np.asarray(v).nbytes for _, v in _leaf_paths(ckpt["params"]))
+    for key, target, layout, dtype in _progress(entries, total, progress, "flax -> torch"):
         coll, path = target[0], target[1:]
         if coll == "extra":
             if key not in extra:

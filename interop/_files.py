@@ -424,5 +424,8 @@ def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
             obj = sd
     else:
         ckpt = load(src)
-        obj = _convert.to_torch(ckpt, template) if dst_kind == "torch" else ckpt
+        if dst_kind == "torch":
+            obj = _convert._to_torch(ckpt, template, progress=progress)
+        else:
+            obj = ckpt
     save(obj, dst)

@@ -503,3 +503,17 @@ def test_convert_checkpoint_example(tmp_path, capsys):
     assert result["diff"] < 1e-5 and result["back_diff"] < 1e-5 and result["agreement"] == 1.0
     out = capsys.readouterr().out
     assert "conv1/bias    (6,)" in out and "fc1.weight    (120, 400)" in out
+
+
+def test_orbax_overwrite_is_atomic(tmp_path):
+    a = {"params": {"w": np.ones(3, np.float32)}, "masks": {"w": np.array([1, 0, 1], bool)}}
+    b = {"params": {"w": np.zeros(2, np.float16)}, "masks": {"w": None}}
+    save(a, tmp_path / "ckpt")
+    save(b, tmp_path / "ckpt")
+    got = load(tmp_path / "ckpt")
+    assert got["params"]["w"].dtype == np.float16 and got["masks"] == {"w": None}
+    assert os.listdir(tmp_path) == ["ckpt"]
+    (tmp_path / "file.orbax").write_text("not a directory")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        save(a, tmp_path / "file.orbax")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "file.orbax"]
