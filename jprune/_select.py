@@ -51,7 +51,13 @@ def use_histogram(total: int, method: str = "auto") -> bool:
 
 
 def _index(x, off):
-    return off + jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
+    """Row-major flat index (plus ``off``) of every entry, built from iotas: no reshape, so a
+    sharded ``x`` keeps its sharding."""
+    idx, stride = off, 1
+    for d in reversed(range(x.ndim)):
+        idx = idx + lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride)
+        stride *= x.shape[d]
+    return idx
 
 
 def _keys(keyfn, args, tie):
@@ -70,7 +76,7 @@ def _hist(keyfn, args, tie, bucket, *, shift):
     digit = (x >> shift) & 0xFFFF
     if bucket is not None:  # keys outside the bucket get an out-of-range index and are dropped
         digit = jnp.where((x >> 16) == bucket, digit, _BINS)
-    return jnp.zeros(_BINS, jnp.int32).at[digit.ravel()].add(1, mode="drop")
+    return jnp.zeros(_BINS, jnp.int32).at[digit].add(1, mode="drop")
 
 
 @jax.jit

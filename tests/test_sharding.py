@@ -1,0 +1,62 @@
+"""Pruning sharded params on a mesh of 8 CPU devices: no gather of the weights, masks keep sharding.
+
+XLA reads the device count once, at start-up, so the check runs in a fresh interpreter.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import re
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jprune as jp
+
+    assert len(jax.devices()) == 8
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    rng = np.random.default_rng(0)
+    params = {
+        "a": {"kernel": rng.standard_normal((256, 512)).astype(np.float32)},
+        "b": {"kernel": rng.standard_normal((512, 256)).astype(np.float32)},
+        "c": {"bias": np.zeros(128, np.float32)},
+    }
+    specs = {"a": {"kernel": P("data", "model")}, "b": {"kernel": P("model", "data")},
+             "c": {"bias": P()}}
+    sharded = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+    # (Leaves above 65536 entries use histograms; smaller ones are sorted, which may gather them.)
+    # Ties on purpose: a block of equal weights straddles the cut, so tie-breaking runs too.
+    params["a"]["kernel"][:8] = 0.5
+    sharded_ties = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+
+    for fn in (
+        lambda p, a: jp.global_unstructured(p, a),
+        lambda p, a: jp.l1_unstructured(p, a),
+        lambda p, a: jp.global_unstructured(p, a, masks=jp.global_unstructured(p, 0.2)),
+    ):
+        f = jax.jit(fn)
+        for p in (sharded, sharded_ties):
+            got = f(p, 0.3)
+            want = f(jax.device_get(p), 0.3)  # the same program on one device
+            for k in ("a", "b"):
+                assert got[k]["kernel"].sharding.is_equivalent_to(p[k]["kernel"].sharding, 2)
+                np.testing.assert_array_equal(got[k]["kernel"], want[k]["kernel"])
+            assert got["c"]["bias"] is None
+        hlo = f.lower(sharded, 0.3).compile().as_text()
+        gathers = re.findall(r"all-gather[^\\n]*", hlo)
+        assert not gathers, gathers  # counts are reductions: only histograms cross devices
+        assert re.search(r"all-reduce[^\\n]*s32\\[65536\\]", hlo)
+    print("OK")
+    """
+)
+
+
+def test_sharded_pruning_on_8_cpu_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.strip().endswith("OK")
