@@ -170,7 +170,12 @@ def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | N
                 _tree_set(params if target[0] == "params" else stats, target[1:], value)
     meta = {"version": RECIPE_VERSION, "keys": keys}
     if getattr(state_dict, "_metadata", None) is not None:
-        meta["metadata"] = {k: dict(v) for k, v in state_dict._metadata.items()}
+        try:  # torch's per-module versions ({"version": 2}); kept when they are plain data
+            meta["metadata"] = json.loads(
+                json.dumps({k: dict(v) for k, v in state_dict._metadata.items()})
+            )
+        except (TypeError, ValueError):
+            pass
     ckpt = {"params": params, "masks": _mirror(params, masks)}
     if stats:
         ckpt["batch_stats"] = stats

@@ -59,17 +59,16 @@ def load_pruned_state_dict(
         mask = state_dict[mask_key]
         if reparametrize:
             prune.identity(sub, name)
-            with torch.no_grad():
-                sub.register_buffer(f"{name}_mask", torch.ones_like(mask, device=mask.device))
-                # The hook recomputes `name` at the next forward; do it now so the module is
-                # consistent before any forward.
-                setattr(sub, name, state_dict[key] * mask.to(state_dict[key].dtype))
+            device = getattr(sub, f"{name}_orig").device
+            # identity's mask has the parameter's dtype; torch's may differ (e.g. float64 after
+            # ln_structured with float64 scores), and load_state_dict keeps the buffer's dtype.
+            sub.register_buffer(f"{name}_mask", torch.ones_like(mask, device=device))
         else:
             orig = state_dict.pop(key)
             state_dict.pop(mask_key)
             state_dict[f"{prefix}.{name}" if prefix else name] = mask.to(orig.dtype) * orig
     result = module.load_state_dict(state_dict, strict=strict)
-    if reparametrize:
+    if reparametrize:  # recompute `name` now, as the pre-forward hook would
         for sub in module.modules():
             for hook in sub._forward_pre_hooks.values():
                 if isinstance(hook, prune.BasePruningMethod):

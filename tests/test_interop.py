@@ -269,6 +269,10 @@ def test_mask_and_param_dtypes_survive(param_dtype, scores_dtype, tmp_path):
         assert_identical(to_torch(load(tmp_path / f"c{ext}")), sd)
     save(sd, tmp_path / "c.safetensors")
     assert_identical(load(tmp_path / "c.safetensors"), sd)
+    fresh = torch.nn.Linear(6, 4).to(param_dtype)
+    load_pruned_state_dict(fresh, to_torch(ckpt))
+    assert_identical(fresh.state_dict(), sd)
+    assert torch.equal(raw(fresh.weight), raw(lin.weight_orig * lin.weight_mask.to(param_dtype)))
 
 
 def test_unknown_keys_are_kept():
