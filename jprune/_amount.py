@@ -43,8 +43,9 @@ def validate(amount) -> None:
 def count(amount, n: int) -> int:
     """Number of units to prune out of ``n`` candidates, torch's rule (host Python).
 
-    An integer is a count; a fraction gives ``round(float(amount) * n)``: Python's banker's rounding
-    of the *double* product, so float artefacts count exactly as in torch (0.07 * 150 -> 11).
+    An integer is a count; a fraction gives ``round(amount * n)`` exactly as torch computes it:
+    Python's banker's rounding of the product in the amount's own arithmetic (a double for a
+    float, so 0.07 * 150 -> 11; float32 for ``np.float32``; exact for a ``Fraction``).
 
     Raises:
       ValueError: the count exceeds ``n``, or the amount is NaN.
@@ -56,7 +57,7 @@ def count(amount, n: int) -> int:
     if isinstance(amount, numbers.Integral):
         k = int(amount)
     else:
-        k = round(float(amount) * n)  # ValueError("cannot convert float NaN to integer") for NaN
+        k = int(round(amount * n))  # ValueError("cannot convert float NaN to integer") for NaN
     if k > n:
         raise ValueError(
             f"amount={k} should be smaller than the number of parameters to prune={n}"

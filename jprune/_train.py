@@ -86,20 +86,30 @@ def keep_pruned(
     mask swap (:func:`set_masks`) are zeroed by the next update.
 
     Put this transformation outermost (or last in an ``optax.chain``): a transformation applied
-    after it could move pruned weights again.
+    after it could move pruned weights again. Since the params themselves hold 0 where pruned, a
+    forward pass on ``jp.apply_masks(params, masks)`` and one on ``params`` agree after the first
+    update; the masked forward is still the safe default (it is right from step 0 and right after
+    a mask swap).
+
+    The state holds the mask arrays themselves (no copy): if a train step donates the optimizer
+    state, keep your own copy of the masks. With ``nnx.Optimizer(model, tx, wrt=nnx.Param)``, pass
+    masks mirroring ``nnx.as_pure(nnx.state(model, nnx.Param))`` (see ``examples/nnx_finetune.py``).
 
     Args:
       inner: the optimizer to wrap, e.g. ``optax.adamw(1e-3)``.
       masks: a pytree mirroring params: a bool array of the leaf's shape for a pruned leaf, ``None``
-        where a leaf is not pruned (e.g. from ``jp.l1_unstructured``).
+        where a leaf is not pruned (e.g. from ``jp.l1_unstructured``). To change the masks later
+        inside a compiled step (:func:`set_masks`), give every leaf you may prune an array: all
+        True (``jp.identity``) for "not pruned yet".
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`KeepPrunedState`.
-      ``update`` requires ``params``.
+      ``update`` requires ``params``; extra keyword arguments are passed on to ``inner``.
 
     Raises:
-      ValueError: at ``init`` if a mask's shape differs from its leaf's, and at ``update`` if
-        ``params`` is None.
+      ValueError: at ``init``, if ``masks`` does not mirror the params or a mask's shape differs
+        from its leaf's (the message names the leaf); at ``update``, if ``params`` is None.
+      TypeError: at ``init``, if a mask is not a bool array or None.
 
     Examples:
       >>> import jax.numpy as jnp, optax

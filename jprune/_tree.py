@@ -105,5 +105,9 @@ class Tree:
 
 
 def effective(value, mask):
-    """``value * mask``: torch's effective weight, and its default importance scores."""
-    return value if mask is None else value * mask.astype(value.dtype)
+    """``value * mask``: torch's effective weight, and its default importance scores.
+
+    Written as a select of ``value`` and ``value * 0`` because XLA rewrites ``value * mask`` into
+    ``select(mask, value, 0)`` under jit, losing what the product gives (NaN stays NaN, -x -> -0.0).
+    """
+    return value if mask is None else jnp.where(mask, value, value * 0)
