@@ -24,7 +24,6 @@ import threading
 import time
 
 import torch
-
 from jprune.interop import from_torch
 
 
@@ -96,10 +95,9 @@ def main():
     parser.add_argument("--dir", default=None, help="where to write the checkpoint (default tmp)")
     args = parser.parse_args()
 
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-        platform.processor(),
-    )
+    with open("/proc/cpuinfo") as f:
+        models = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    cpu = models[0] if models else platform.processor()
     print(f"cpu: {cpu}; nproc {os.cpu_count()}; torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         path = os.path.join(d, "pruned.pt")
