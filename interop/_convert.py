@@ -56,8 +56,13 @@ def _state_dict_of(state_dict) -> tuple[Mapping, bool]:
     if isinstance(state_dict, torch.nn.Module):
         return state_dict.state_dict(), False
     if isinstance(state_dict, str | os.PathLike):
-        from ._files import load_torch
+        from ._files import kind, load_torch
 
+        if kind(state_dict) != "torch":
+            raise ValueError(
+                f"{os.fspath(state_dict)}: from_torch reads .pt, .pth or .safetensors files; "
+                "load Flax files with jprune.interop.load"
+            )
         # A memory-mapped .pt is copied out of the file; safetensors tensors are already owned.
         mmap = os.fspath(state_dict).lower().endswith((".pt", ".pth"))
         return load_torch(state_dict, mmap=mmap), mmap
@@ -160,7 +165,12 @@ def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | N
         for (key, target, layout), future in zip(
             recipe, _progress(futures, total, progress, "torch -> flax"), strict=True
         ):
-            value = future.result()
+            try:
+                value = future.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
             keys.append([key, list(target), layout, _arrays.dtype_name(state_dict[key].dtype)])
             if target[0] == "masks":
                 masks[target[1:]] = value

@@ -382,6 +382,8 @@ def test_wrong_extension(tmp_path, capsys):
     save({"w": torch.ones(2)}, tmp_path / "m.pt")
     with pytest.raises(ValueError, match="unsupported extension '.txt'"):
         convert(tmp_path / "m.pt", tmp_path / "m.txt")
+    with pytest.raises(ValueError, match="from_torch reads .pt, .pth or .safetensors"):
+        from_torch(tmp_path / "m.msgpack")
     (tmp_path / "m.npz").write_bytes(b"x")
     _cli_fails(capsys, "inspect", tmp_path / "m.npz", match="unsupported extension")
     _cli_fails(capsys, "inspect", tmp_path / "missing.pt", match="no such file")
