@@ -6,11 +6,11 @@ An ``amount`` is an integer count or a fraction in ``[0, 1]``. Integer versus fr
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def is_traced(amount) -> bool:
@@ -76,48 +76,105 @@ def _mul_u32(a, b):
     return hi, lo
 
 
-def _shr64(hi, lo, s):
-    """(hi:lo) >> s for 0 < s < 64, as one uint32 (the caller knows the result fits)."""
-    s = s.astype(jnp.uint32)
-    small = (hi << (32 - jnp.minimum(s, 31))) | (lo >> jnp.minimum(s, 31))
-    big = hi >> (jnp.maximum(s, 32) - 32)
-    return jnp.where(s < 32, jnp.where(s == 0, lo, small), big)
+# Multi-word unsigned integers: little-endian lists of uint32 scalars; shifts are traced int32.
+_U = jnp.uint32
+
+
+def _shl32(x, b):
+    return jnp.where(b >= 32, _U(0), x << jnp.minimum(b, 31).astype(_U))
+
+
+def _shr32(x, b):
+    return jnp.where(b >= 32, _U(0), x >> jnp.minimum(b, 31).astype(_U))
+
+
+def _shr(words, sh):
+    """``words >> sh`` (same number of words)."""
+    padded = jnp.stack([*words, *[_U(0)] * (len(words) + 1)])
+    w, b = sh // 32, sh % 32
+    out = []
+    for i in range(len(words)):
+        lo = padded[jnp.minimum(i + w, 2 * len(words))]
+        hi = padded[jnp.minimum(i + w + 1, 2 * len(words))]
+        out.append(_shr32(lo, b) | jnp.where(b == 0, _U(0), _shl32(hi, 32 - b)))
+    return out
+
+
+def _any_below(words, nbits):
+    """True if any bit below position ``nbits`` is set."""
+    found = jnp.bool_(False)
+    for j, x in enumerate(words):
+        low = jnp.clip(nbits - 32 * j, 0, 32)
+        found |= (x & jnp.where(low >= 32, _U(0xFFFFFFFF), _shl32(_U(1), low) - 1)) != 0
+    return found
+
+
+def _round_shift(words, sh):
+    """``words / 2**sh`` rounded half to even (``sh >= 0``)."""
+    s1 = jnp.maximum(sh, 1)
+    q2 = _shr(words, s1 - 1)
+    half = (q2[0] & 1) == 1
+    q = _shr(q2, 1)
+    up = half & (_any_below(words, s1 - 1) | ((q[0] & 1) == 1))
+    out, carry = [], up.astype(_U)
+    for x in q:
+        y = x + carry
+        carry = (y < x).astype(_U)
+        out.append(y)
+    return [jnp.where(sh == 0, x, y) for x, y in zip(words, out)]
+
+
+def _bitlen(x):
+    return 32 - jax.lax.clz(x).astype(jnp.int32)
+
+
+def _fraction_words(a):
+    """A traced float fraction as ``(m_hi, m_lo, s)`` with ``a == (m_hi * 2**32 + m_lo) * 2**-s``."""
+    a = jnp.clip(jnp.asarray(a).astype(jnp.float32), 0.0, 1.0)
+    a = jnp.where(jnp.isnan(a), 0.0, a)  # a NaN fraction prunes nothing
+    bits = jax.lax.bitcast_convert_type(a, _U)
+    exp = ((bits >> 23) & 0xFF).astype(jnp.int32)
+    m = jnp.where(exp == 0, bits & 0x7FFFFF, (bits & 0x7FFFFF) | 0x800000)
+    return _U(0), m, 150 - jnp.maximum(exp, 1)
 
 
 def count_traced(amount, n):
-    """``count`` inside jit: ``amount`` a traced scalar, ``n`` a traced int32 candidate count.
+    """``count`` inside jit, for a traced candidate count ``n`` (int32).
 
-    An integer-dtype amount is a count; a floating amount is a fraction whose float32 value ``a``
-    gives ``k = round_half_even(a * n)`` computed *exactly* in integer arithmetic (float32 cannot hold
-    ``a * n`` for large ``n``). Counts are clipped to ``[0, n]``: errors cannot be raised under jit.
+    ``amount`` is an integer scalar (a count), a floating scalar (a fraction, used at float32), or
+    the exact words ``(m_hi, m_lo, s)`` of a double fraction from ``as_device_amount``. A fraction
+    gives ``round(a * n)`` exactly as Python does it for a double ``a``: the product rounded to a
+    double, then half to even, emulated in integer arithmetic. Counts are clipped to ``[0, n]``:
+    errors cannot be raised under jit.
     """
     n = jnp.asarray(n, jnp.int32)
-    amount = jnp.asarray(amount)
-    if jnp.issubdtype(amount.dtype, jnp.integer) or amount.dtype == jnp.bool_:
-        return jnp.clip(amount.astype(jnp.int32), 0, n)
-    a = jnp.clip(amount.astype(jnp.float32), 0.0, 1.0)
-    a = jnp.where(jnp.isnan(a), 0.0, a)  # a NaN fraction prunes nothing
-    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
-    exp = (bits >> 23) & 0xFF
-    m = jnp.where(exp == 0, bits & 0x7FFFFF, (bits & 0x7FFFFF) | 0x800000)
-    shift = 150 - jnp.maximum(exp, 1).astype(jnp.int32)  # a == m * 2**-shift, shift >= 23
-    hi, lo = _mul_u32(m, n.astype(jnp.uint32))  # m * n < 2**55
-    s = jnp.clip(shift, 1, 63)
-    q = _shr64(hi, lo, s)  # floor(a * n)
-    # Round half to even: compare the s bits below the binary point with half = 1 << (s - 1).
-    low_lo = jnp.where(s >= 32, lo, lo & ((jnp.uint32(1) << s.astype(jnp.uint32)) - 1))
-    low_hi = jnp.where(s > 32, hi & ((jnp.uint32(1) << (s - 32).astype(jnp.uint32)) - 1), 0)
-    half_lo = jnp.where(s - 1 >= 32, 0, jnp.uint32(1) << jnp.minimum(s - 1, 31).astype(jnp.uint32))
-    half_hi = jnp.where(s - 1 >= 32, jnp.uint32(1) << jnp.maximum(s - 33, 0).astype(jnp.uint32), 0)
-    gt = (low_hi > half_hi) | ((low_hi == half_hi) & (low_lo > half_lo))
-    eq = (low_hi == half_hi) & (low_lo == half_lo)
-    k = q + (gt | (eq & ((q & 1) == 1))).astype(jnp.uint32)
-    k = jnp.where(shift > 63, 0, k).astype(jnp.int32)  # a * n < 2**55 * 2**-64 < 1/2
-    return jnp.clip(k, 0, n)
+    if not isinstance(amount, tuple):
+        amount = jnp.asarray(amount)
+        if not jnp.issubdtype(amount.dtype, jnp.floating):
+            return jnp.clip(amount.astype(jnp.int32), 0, n)
+        amount = _fraction_words(amount)
+    m_hi, m_lo, s = (jnp.asarray(x) for x in amount)
+    a_hi, a_lo = _mul_u32(m_lo.astype(_U), n.astype(_U))
+    b_hi, b_lo = _mul_u32(m_hi.astype(_U), n.astype(_U))
+    p1 = a_hi + b_lo
+    p = [a_lo, p1, b_hi + (p1 < a_hi).astype(_U)]  # m * n, below 2**85
+    length = jnp.where(
+        p[2] > 0, 64 + _bitlen(p[2]), jnp.where(p[1] > 0, 32 + _bitlen(p[1]), _bitlen(p[0]))
+    )
+    r = jnp.maximum(length - 53, 0)
+    q = _round_shift(p, r)  # the product as a double: 53 significant bits, times 2**(r - s)
+    k = _round_shift(q, jnp.clip(s - r, 0, 95))[0]
+    k = jnp.where(s - r > 95, _U(0), k)
+    return jnp.clip(k.astype(jnp.int32), 0, n)
 
 
 def as_device_amount(amount):
-    """A concrete Python/NumPy amount as a jax scalar that `count_traced` reads the same way."""
+    """A concrete amount as device scalars that `count_traced` reads exactly (no recompiles)."""
     if isinstance(amount, numbers.Integral):
         return jnp.asarray(int(amount), jnp.int32)
-    return jnp.asarray(np.float32(amount))
+    a = float(amount)
+    if not 0.0 < a <= 1.0:  # 0 (and NaN, which `validate`/`count` reject on the host) prune nothing
+        return _U(0), _U(0), jnp.int32(0)
+    f, e = math.frexp(a)
+    m = int(f * 2**53)
+    return _U(m >> 32), _U(m & 0xFFFFFFFF), jnp.int32(53 - e)
