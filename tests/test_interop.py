@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -151,6 +152,7 @@ def test_prune_in_jprune_then_torch(lenet):
     every_other = {**jax.tree.map(lambda _: None, params)}
     every_other["fc3"] = {"kernel": None, "bias": np.arange(10) % 2 == 1}
     masks = jp.custom_from_mask(params, every_other, masks=masks)
+    params = jax.tree.map(jnp.asarray, params)  # JAX arrays, as after training in JAX
     ckpt = {"params": params, "masks": masks}  # no recipe: torch names come from Flax names
     flax_out = flax_logits(FlaxLeNet(), ckpt, xf)
 
@@ -376,6 +378,15 @@ def test_truncated_file(lenet, tmp_path, capsys, ext):
     dst = tmp_path / ("out.pt" if ext == ".msgpack" else "out.msgpack")
     _cli_fails(capsys, "convert", bad, dst, match="truncated")
     assert not dst.exists() and sorted(os.listdir(tmp_path)) == sorted([good.name, bad.name])
+
+
+def test_damaged_orbax_directory(tmp_path, capsys):
+    save({"params": {"w": np.ones(3, np.float32)}}, tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / "state")
+    with pytest.raises(ValueError, match="not an orbax checkpoint written by jprune"):
+        load(tmp_path / "ckpt")
+    _cli_fails(capsys, "convert", tmp_path / "ckpt", tmp_path / "m.pt", match="not an orbax")
+    assert os.listdir(tmp_path) == ["ckpt"]
 
 
 def test_wrong_extension(tmp_path, capsys):
