@@ -100,7 +100,9 @@ def main():
     torch_reset()
     torch_global()
     masks = jp.global_unstructured(params, args.amount)
-    ours = np.concatenate([np.asarray(masks[f"dense_{i}"]["kernel"]).T.ravel() for i in range(len(layers))])
+    ours = np.concatenate(
+        [np.asarray(masks[f"dense_{i}"]["kernel"]).T.ravel() for i in range(len(layers))]
+    )
     theirs = np.concatenate([layer.weight_mask.numpy().ravel() != 0 for layer in layers])
     w = np.abs(np.concatenate([x.ravel() for x in weights]))
     threshold = w[~ours].max()
@@ -108,10 +110,14 @@ def main():
     same = ours.sum() == theirs.sum() and bool(np.all(w[differ] == threshold))
 
     cpu = platform.processor() or platform.machine()
-    print(f"machine: {jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores, "
-          f"{cpu}; torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}")
-    print(f"N = {total:.3g} weights in {args.layers} layers, amount = {args.amount}; "
-          f"same answer as torch: {same} ({differ.sum()} tied entries ordered differently)")
+    print(
+        f"machine: {jax.default_backend()}, {os.cpu_count()} cores, {cpu}; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}"
+    )
+    print(
+        f"N = {total:.3g} weights in {args.layers} layers, amount = {args.amount}; "
+        f"same answer as torch: {same} ({differ.sum()} tied entries ordered differently)"
+    )
     for name, t in results.items():
         print(f"  {name:<38} {t * 1e3:10.2f} ms")
     f = results["floor (one pass, sum |w|)"]
@@ -119,7 +125,8 @@ def main():
     p = results["jprune l1_unstructured (per tensor)"]
     print(f"  torch / jprune, global:      {results['torch global_unstructured'] / g:8.1f}x")
     if "torch l1_unstructured (per tensor)" in results:
-        print(f"  torch / jprune, per tensor:  {results['torch l1_unstructured (per tensor)'] / p:8.1f}x")
+        speedup = results["torch l1_unstructured (per tensor)"] / p
+        print(f"  torch / jprune, per tensor:  {speedup:8.1f}x")
     print(f"  jprune / floor, global:      {g / f:8.1f}x")
     print(f"  jprune / floor, per tensor:  {p / f:8.1f}x")
 

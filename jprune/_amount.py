@@ -36,7 +36,8 @@ def validate(amount) -> None:
         not isinstance(amount, numbers.Integral) and (float(amount) > 1.0 or float(amount) < 0.0)
     ):
         raise ValueError(
-            f"amount={amount} should either be a float in the range [0, 1] or a non-negative integer"
+            f"amount={amount} should either be a float in the range [0, 1] "
+            "or a non-negative integer"
         )
 
 
@@ -59,9 +60,7 @@ def count(amount, n: int) -> int:
     else:
         k = int(round(amount * n))  # ValueError("cannot convert float NaN to integer") for NaN
     if k > n:
-        raise ValueError(
-            f"amount={k} should be smaller than the number of parameters to prune={n}"
-        )
+        raise ValueError(f"amount={k} should be smaller than the number of parameters to prune={n}")
     return k
 
 
@@ -129,7 +128,7 @@ def _bitlen(x):
 
 
 def _fraction_words(a):
-    """A traced float fraction as ``(m_hi, m_lo, s)`` with ``a == (m_hi * 2**32 + m_lo) * 2**-s``."""
+    """A traced fraction as words ``(m_hi, m_lo, s)``: ``a == (m_hi * 2**32 + m_lo) / 2**s``."""
     a = jnp.clip(jnp.asarray(a).astype(jnp.float32), 0.0, 1.0)
     a = jnp.where(jnp.isnan(a), 0.0, a)  # a NaN fraction prunes nothing
     bits = jax.lax.bitcast_convert_type(a, _U)

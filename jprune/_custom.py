@@ -1,10 +1,9 @@
-"""Masks from the user: identity, a given mask, and custom pruning rules (torch's BasePruningMethod)."""
+"""Masks from the user: identity, a given mask, and custom rules (torch's BasePruningMethod)."""
 
 from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,7 +63,8 @@ def custom_from_mask(params, mask, *, masks=None):
             continue
         if jnp.shape(m) != v.shape:
             raise ShapeError(
-                f"mask at {path!r}: default_mask shape {v.shape} must match mask shape {jnp.shape(m)}"
+                f"mask at {path!r}: default_mask shape {v.shape} "
+                f"must match mask shape {jnp.shape(m)}"
             )
         if not is_tracer(m) and not np.isin(np.asarray(m), (0, 1)).all():
             raise ValueError(f"mask at {path!r} has values other than 0 and 1")

@@ -32,7 +32,7 @@ _BINS = 1 << 16
 
 
 def abs_keys(x):
-    """uint32 keys ordering ``|x|`` like torch ranks floats: NaN above +inf (float dtypes <= 32 bit)."""
+    """uint32 keys ordering ``|x|`` as torch ranks floats: NaN above +inf (floats up to 32 bit)."""
     return lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
 
 
@@ -61,7 +61,7 @@ def _index(x, off):
 
 
 def _keys(keyfn, args, tie):
-    """The keys of one source; with ``tie=(t, off)``, the flat indices of the entries keyed ``t``."""
+    """The keys of one source; with ``tie=(t, off)``: the flat indices of the entries keyed ``t``."""
     x = keyfn(*args)
     if tie is not None:
         t, off = tie
@@ -150,7 +150,9 @@ def prune_smallest(sources, k, *, method: str = "auto"):
     sizes = [math.prod(jnp.shape(a[0])) for _, a in sources]
     total = sum(sizes)
     if total >= SENTINEL:
-        raise ValueError(f"Cannot select among {total} entries: at most {SENTINEL - 1} are supported.")
+        raise ValueError(
+            f"Cannot select among {total} entries: at most {SENTINEL - 1} are supported."
+        )
     hist = use_histogram(total, method)
     offsets = [jnp.uint32(sum(sizes[:i])) for i in range(len(sizes))]
     k = jnp.asarray(k, jnp.int32)

@@ -54,8 +54,10 @@ def channel_norms(t, n, axis):
     """The Ln norm of each slice of ``t`` along ``axis`` (``torch.norm(t, p=n, dim=others)``)."""
     t = jnp.moveaxis(t, axis, 0)
     if n == "nuc":  # 3-D only: nuclear norm of each 2-D slice
-        return jnp.sum(jnp.linalg.svd(t.astype(jnp.promote_types(t.dtype, jnp.float32)),
-                                      compute_uv=False), axis=-1)
+        return jnp.sum(
+            jnp.linalg.svd(t.astype(jnp.promote_types(t.dtype, jnp.float32)), compute_uv=False),
+            axis=-1,
+        )
     x = jnp.abs(t.reshape(t.shape[0], -1).astype(jnp.promote_types(t.dtype, jnp.float32)))
     p = 2.0 if n == "fro" else float(n)
     if p == math.inf:
@@ -126,8 +128,12 @@ def run(tree: Tree, idx, amount, axis, *, kind, n=None, key=None):
         sizes = [tree.values[i].shape[a] for i, a in zip(idx, axes)]
         if any(m is not None for m in masks):
             sizes = np.asarray(
-                jax.jit(lambda ms: [s if m is None else jnp.sum(channel_mask(m, a), dtype=jnp.int32)
-                                    for m, s, a in zip(ms, sizes, axes)])(masks)
+                jax.jit(
+                    lambda ms: [
+                        s if m is None else jnp.sum(channel_mask(m, a), dtype=jnp.int32)
+                        for m, s, a in zip(ms, sizes, axes)
+                    ]
+                )(masks)
             )
         ks = []
         for i, c in zip(idx, sizes):

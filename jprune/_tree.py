@@ -87,8 +87,14 @@ class Tree:
         else:
             patterns = [select] if isinstance(select, str) else list(select)
             if not all(isinstance(s, str) for s in patterns):
-                raise TypeError(f"select must be a path, a glob, a list of them or a predicate, got {select!r}")
-            idx = [i for i, p in enumerate(self.paths) if any(fnmatch.fnmatchcase(p, s) for s in patterns)]
+                raise TypeError(
+                    f"select must be a path, a glob, a list of them or a predicate, got {select!r}"
+                )
+            idx = [
+                i
+                for i, p in enumerate(self.paths)
+                if any(fnmatch.fnmatchcase(p, s) for s in patterns)
+            ]
             what = f"select={select!r}"
         if not idx:
             raise ValueError(f"{what} matches no leaf; the paths are {self.paths}")

@@ -22,8 +22,10 @@ def score_keys(s):
         return _select.abs_keys(s)
     # float64 / integers: the rank of |s| (a stable sort, NaN last) is an order-preserving key.
     flat = jnp.abs(s).ravel()
-    rank = jnp.zeros(flat.shape, jnp.uint32).at[jnp.argsort(flat, stable=True)].set(
-        jnp.arange(flat.size, dtype=jnp.uint32)
+    rank = (
+        jnp.zeros(flat.shape, jnp.uint32)
+        .at[jnp.argsort(flat, stable=True)]
+        .set(jnp.arange(flat.size, dtype=jnp.uint32))
     )
     return rank.reshape(s.shape)
 
