@@ -22,7 +22,7 @@ def _key_str(k) -> str:
 
 
 def path_str(path) -> str:
-    """``(DictKey('conv1'), DictKey('kernel'))`` -> ``"conv1/kernel"``; NNX's trailing ``.value`` is dropped."""
+    """``(DictKey('conv1'), DictKey('kernel'))`` -> ``"conv1/kernel"``; NNX's trailing ``.value`` dropped."""
     keys = list(path)
     if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
         keys = keys[:-1]
