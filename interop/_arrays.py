@@ -113,9 +113,7 @@ def bool_mask(key: str, mask: torch.Tensor, perm: tuple[int, ...] | None) -> np.
         bits, one = mask, 1
     bits_np = bits.contiguous().numpy()
     ones = bits_np == one
-    if mask.dtype != torch.bool and np.count_nonzero(ones) != np.count_nonzero(
-        bits_np.astype(bool)
-    ):
+    if mask.dtype != torch.bool and np.count_nonzero(ones) != np.count_nonzero(bits_np.astype(bool)):
         flat_bits, flat = bits_np.reshape(-1), mask.reshape(-1)
         bad = int(np.flatnonzero((flat_bits != 0) & (flat_bits != one))[0])
         raise ValueError(

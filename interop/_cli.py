@@ -22,8 +22,7 @@ def _table(summary: dict) -> str:
     ]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
     lines = [
-        "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
-        for row in [head, *rows]
+        "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in [head, *rows]
     ]
     n = len(summary["tensors"])
     lines.append(
@@ -74,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p_convert.add_argument("dst")
     p_convert.add_argument(
         "--template",
-        help="names/layouts for the other side: a Flax file (torch -> Flax) or a torch file "
-        "(Flax -> torch)",
+        help="names/layouts for the other side: a Flax file (torch -> Flax) or a torch file (Flax -> torch)",
     )
     p_convert.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     args = parser.parse_args(argv)

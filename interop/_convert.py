@@ -181,9 +181,7 @@ def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | N
     meta = {"version": RECIPE_VERSION, "keys": keys}
     if getattr(state_dict, "_metadata", None) is not None:
         try:  # torch's per-module versions ({"version": 2}); kept when they are plain data
-            meta["metadata"] = json.loads(
-                json.dumps({k: dict(v) for k, v in state_dict._metadata.items()})
-            )
+            meta["metadata"] = json.loads(json.dumps({k: dict(v) for k, v in state_dict._metadata.items()}))
         except (TypeError, ValueError):
             pass
     ckpt = {"params": params, "masks": _mirror(params, masks)}
@@ -222,17 +220,12 @@ def _entries(ckpt: Mapping, template) -> tuple[list, dict, dict | None]:
         meta = json.loads(str(torch_meta["recipe"]))
         if meta.get("version") != RECIPE_VERSION:
             raise ValueError(
-                f"ckpt['torch']['recipe'] has version {meta.get('version')!r}, expected "
-                f"{RECIPE_VERSION}"
+                f"ckpt['torch']['recipe'] has version {meta.get('version')!r}, expected {RECIPE_VERSION}"
             )
-        entries = [
-            (k, tuple(t), lay, dt if t[0] == "masks" else None) for k, t, lay, dt in meta["keys"]
-        ]
+        entries = [(k, tuple(t), lay, dt if t[0] == "masks" else None) for k, t, lay, dt in meta["keys"]]
         return entries, extra, meta.get("metadata")
     entries = []
-    for key, target, layout, synthesized in _layout.default_recipe(
-        ckpt["params"], ckpt.get("batch_stats")
-    ):
+    for key, target, layout, synthesized in _layout.default_recipe(ckpt["params"], ckpt.get("batch_stats")):
         if synthesized and key not in extra:
             extra[key] = np.zeros((), np.int64)
         entries.append((key, target, layout, None))
@@ -354,9 +347,7 @@ def _to_torch(ckpt: Mapping, template, *, progress: bool | None) -> "OrderedDict
         coll, path = target[0], target[1:]
         if coll == "extra":
             if key not in extra:
-                raise ValueError(
-                    f"'{key}' is listed in the recipe but missing from ckpt['torch']['extra']"
-                )
+                raise ValueError(f"'{key}' is listed in the recipe but missing from ckpt['torch']['extra']")
             out[key] = _arrays.to_torch(extra[key])
             continue
         tree = ckpt["params"] if coll in ("params", "masks") else ckpt.get("batch_stats") or {}

@@ -56,8 +56,7 @@ def _is_orbax(path) -> bool:
 def _check_state_dict(obj, path) -> Mapping:
     if not isinstance(obj, Mapping):
         raise ValueError(
-            f"{path}: expected a state_dict (a mapping of str to torch.Tensor), "
-            f"got {type(obj).__name__}"
+            f"{path}: expected a state_dict (a mapping of str to torch.Tensor), got {type(obj).__name__}"
         )
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -100,9 +99,7 @@ def load_torch(path, *, mmap: bool = False) -> Mapping:
             ) from None
         except (RuntimeError, EOFError, ValueError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(
-                f"{path}: not a readable torch checkpoint (truncated?): {first}"
-            ) from e
+            raise ValueError(f"{path}: not a readable torch checkpoint (truncated?): {first}") from e
     return _check_state_dict(obj, path)
 
 
@@ -355,9 +352,7 @@ def save(obj, path) -> None:
     """
     path = os.fspath(path)
     if kind(path) == "torch":
-        if not isinstance(obj, Mapping) or not all(
-            isinstance(v, torch.Tensor) for v in obj.values()
-        ):
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise TypeError(
                 f"{path}: a torch file holds a state_dict (str -> Tensor); convert a Flax "
                 "checkpoint with to_torch first"

@@ -35,9 +35,7 @@ def _torch_rows(sd: Mapping) -> tuple[list[dict], int]:
     numel = sum(
         v.numel()
         for k, v in sd.items()
-        if v.is_floating_point()
-        and not k.endswith("_mask")
-        and k.rpartition(".")[2] not in _BUFFERS
+        if v.is_floating_point() and not k.endswith("_mask") and k.rpartition(".")[2] not in _BUFFERS
     )
     return rows, numel
 

@@ -166,9 +166,7 @@ def _template_fit(
             layout = "linear" if len(a.shape) == 2 else "conv"
         want = flax_shape(layout, a.shape)
         if tuple(leaves[leaf]) != want:
-            return (
-                f"'{a.key}' {a.shape} gives {leaf} {want}, the template has {tuple(leaves[leaf])}"
-            )
+            return f"'{a.key}' {a.shape} gives {leaf} {want}, the template has {tuple(leaves[leaf])}"
         fit[name] = ("params", leaf, layout)
         used.add(leaf)
     if set(leaves) - used:
@@ -202,9 +200,7 @@ def _modules(tree: Mapping, path: tuple[str, ...] = ()) -> dict[tuple[str, ...],
 def split_template(template) -> tuple[Mapping, Mapping | None]:
     """(params, batch_stats or None) from either Flax params or a whole variables dict."""
     if not isinstance(template, Mapping):
-        raise TypeError(
-            f"Expected template to be Flax params (a nested dict), got {type(template).__name__}"
-        )
+        raise TypeError(f"Expected template to be Flax params (a nested dict), got {type(template).__name__}")
     if "params" in template and isinstance(template["params"], Mapping):
         if set(template) <= {"params", "batch_stats"}:
             return template["params"], template.get("batch_stats")
@@ -215,14 +211,16 @@ def _candidates(module: str) -> list[tuple[str, ...]]:
     """Flax paths a torch module path may have: as is, and with Flax's list naming (`b_0`)."""
     comps = module.split(".") if module else []
     merged: list[str] = []
+    after_name = False  # the previous component was a plain name (`blocks` in `blocks.0`)
     for c in comps:
         if c.isdigit():
-            if merged and not merged[-1][-1:].isdigit():
+            if after_name:
                 merged[-1] = f"{merged[-1]}_{c}"
-            else:
+            else:  # a Sequential's own index: Flax's nn.Sequential names it layers_<i>
                 merged.append(f"layers_{c}")
         else:
             merged.append(c)
+        after_name = not c.isdigit()
     out = [tuple(comps)]
     if tuple(merged) != out[0]:
         out.append(tuple(merged))

@@ -416,9 +416,7 @@ def test_malicious_pickle_is_refused_never_run(tmp_path, capsys, how):
         torch.save({"w": torch.ones(2), "x": _Evil(marker)}, path)
     else:
         path.write_bytes(pickle.dumps(_Evil(marker)))
-    with pytest.raises(
-        pickle.UnpicklingError, match="refused to unpickle.*nothing in it was executed"
-    ):
+    with pytest.raises(pickle.UnpicklingError, match="refused to unpickle.*nothing in it was executed"):
         load(path)
     _cli_fails(capsys, "convert", path, tmp_path / "out.msgpack", match="refused to unpickle")
     assert not marker.exists() and not (tmp_path / "out.msgpack").exists()
@@ -426,9 +424,7 @@ def test_malicious_pickle_is_refused_never_run(tmp_path, capsys, how):
 
 def test_mask_shape_differs_from_weight(tmp_path, capsys):
     sd = {"fc.weight_orig": torch.ones(3, 4), "fc.weight_mask": torch.ones(4, 3)}
-    with pytest.raises(
-        ValueError, match=r"mask 'fc.weight_mask' has shape \(4, 3\), expected \(3, 4\)"
-    ):
+    with pytest.raises(ValueError, match=r"mask 'fc.weight_mask' has shape \(4, 3\), expected \(3, 4\)"):
         from_torch(sd)
     save(sd, tmp_path / "m.pt")
     _cli_fails(capsys, "convert", tmp_path / "m.pt", tmp_path / "m.msgpack", match="has shape")
@@ -450,9 +446,7 @@ def test_non_binary_mask_refused(bad):
     mask = torch.ones(3, 4)
     mask[1, 2] = bad
     with pytest.raises(ValueError, match=r"mask 'fc.weight_mask' is not binary: entry 6"):
-        from_torch(
-            {"fc.weight_orig": torch.ones(3, 4), "fc.weight_mask": mask, "fc.bias": torch.ones(3)}
-        )
+        from_torch({"fc.weight_orig": torch.ones(3, 4), "fc.weight_mask": mask, "fc.bias": torch.ones(3)})
 
 
 def test_template_that_does_not_match(lenet, tmp_path, capsys):
@@ -485,6 +479,23 @@ def test_template_that_does_not_match(lenet, tmp_path, capsys):
         match="template does not match",
     )
     assert not (tmp_path / "m.msgpack").exists()
+
+
+def test_template_matches_flax_sequential_names():
+    import flax.linen as nn
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(5, 4, bias=False), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    prune.l1_unstructured(seq[0], "weight", 0.5)
+    flax_seq = nn.Sequential([nn.Dense(4, use_bias=False), nn.relu, nn.Dense(2)])
+    x = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    template = jax.eval_shape(flax_seq.init, jax.random.key(0), x)["params"]
+    assert set(template) == {"layers_0", "layers_2"}  # torch: "0", "2"
+    ckpt = from_torch(seq.state_dict(), template=template)
+    with torch.no_grad():
+        expected = seq(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(flax_logits(flax_seq, ckpt, x), expected, atol=1e-6)
+    assert_identical(to_torch(ckpt), seq.state_dict())
 
 
 def test_ambiguous_template_refused():
