@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench bench-interop bench-train lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,12 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/bench_select.py
+
+bench-interop: setup
+	$(BIN)/python bench/bench_interop.py
+
+bench-train: setup
+	$(BIN)/python bench/bench_train.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
