@@ -73,9 +73,7 @@ def plot(path, results, dense_acc, gradual, layer_bars):
     xs = [100 * s for s, _, _, _ in results]
     ax1.plot(xs, [100 * a for _, a, _, _ in results], "o--", label="one-shot, no fine-tuning")
     ax1.plot(xs, [100 * a for _, _, a, _ in results], "o-", label="one-shot + fine-tuning")
-    ax1.plot(
-        [100 * gradual[0]], [100 * gradual[1]], "*", markersize=14, label="gradual (polynomial)"
-    )
+    ax1.plot([100 * gradual[0]], [100 * gradual[1]], "*", markersize=14, label="gradual (polynomial)")
     ax1.axhline(100 * dense_acc, color="gray", lw=0.8, ls=":", label="dense")
     ax1.set(xlabel="global sparsity of the 5 weights (%)", ylabel="test accuracy (%)")
     ax1.set_title("LeNet on held-out digits: accuracy vs sparsity")
@@ -124,9 +122,7 @@ def export_to_torch(params, masks, x_test, out_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out", help="output folder (default: out)")
-    parser.add_argument(
-        "--data", help="folder with the 4 MNIST idx files (default: sklearn digits)"
-    )
+    parser.add_argument("--data", help="folder with the 4 MNIST idx files (default: sklearn digits)")
     parser.add_argument("--epochs", type=int, default=30, help="dense training epochs")
     parser.add_argument("--ft-epochs", type=int, default=15, help="fine-tuning epochs")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -206,9 +202,7 @@ def main(argv=None):
     exact_zero = all(
         jax.tree.leaves(
             jax.tree.map(
-                lambda p, m: (
-                    None if m is None else bool((np.asarray(p)[~np.asarray(m)] == 0).all())
-                ),
+                lambda p, m: None if m is None else bool((np.asarray(p)[~np.asarray(m)] == 0).all()),
                 g_params,
                 g_masks,
             )
