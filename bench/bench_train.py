@@ -4,8 +4,8 @@ Masked: forward on ``jp.apply_masks(params, masks)`` and ``jp.keep_pruned(adam)`
 zeroed at pruned places, updates pinned so pruned weights stay exactly 0). Unmasked: plain forward
 and plain adam. Models: the seed's LeNet (batch 128) and a ~10M-parameter MLP (batch 256), 90 %
 global sparsity. The steps are timed in interleaved chunks (A, B, C, A, B, C, ...) so that load
-from other processes hits all alike; overheads are given for the best chunk (least disturbed) and
-for the median chunk.
+from other processes hits all alike; overheads are given for the best chunk (least disturbed), the
+median chunk, and the median process CPU time (less sensitive to other processes than wall time).
 
 Run: ``python bench/bench_train.py [--repeats 20] [--iters 5]``.
 """
@@ -75,11 +75,13 @@ def make_steps(model, masks, lr=1e-3):
 
 
 def time_chunk(step, params, opt_state, x, y, iters):
-    t0 = time.perf_counter()
+    """Wall and process CPU seconds per step over ``iters`` steps."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(iters):
         params, opt_state = step(params, opt_state, x, y)
     jax.block_until_ready(params)
-    return (time.perf_counter() - t0) / iters, params, opt_state
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return (wall / iters, cpu / iters), params, opt_state
 
 
 def bench(name, model, x_shape, batch, *, repeats, iters, sparsity=0.9):
@@ -105,26 +107,27 @@ def bench(name, model, x_shape, batch, *, repeats, iters, sparsity=0.9):
             lambda p, m: None if m is None else bool(jnp.all(p[~m] == 0)), runs[label][1], masks
         )
         assert all(jax.tree.leaves(zeros)), label
-    best = {k: min(r[3]) for k, r in runs.items()}
-    median = {k: statistics.median(r[3]) for k, r in runs.items()}
-    row = {"params_m": n_params / 1e6, "batch": batch}
-    for label in runs:
-        row[label] = (best[label], median[label])
-    print(
-        f"{name:<7}{n_params / 1e6:>7.2f}M{batch:>6}"
-        + "".join(
-            f"{1e3 * best[k]:>10.2f}{1e3 * median[k]:>9.2f}"
-            + (
-                ""
-                if k == "plain"
-                else f"{100 * (best[k] / best['plain'] - 1):>+7.1f}%"
-                f"{100 * (median[k] / median['plain'] - 1):>+7.1f}%"
-            )
-            for k in runs
-        ),
-        flush=True,
-    )
-    return row
+    stats = {
+        k: (
+            min(w for w, _ in r[3]),
+            statistics.median(w for w, _ in r[3]),
+            statistics.median(c for _, c in r[3]),
+        )
+        for k, r in runs.items()
+    }
+    base = stats["plain"]
+    for k, (best, med, cpu) in stats.items():
+        over = (
+            ""
+            if k == "plain"
+            else "".join(f"{100 * (v / b - 1):>+9.1f}%" for v, b in zip((best, med, cpu), base))
+        )
+        print(
+            f"{name:<7}{n_params / 1e6:>6.2f}M{batch:>6}  {k:<13}"
+            f"{1e3 * best:>9.2f}{1e3 * med:>9.2f}{1e3 * cpu:>9.2f}{over}",
+            flush=True,
+        )
+    return {"params": n_params, "batch": batch, **stats}
 
 
 def main(argv=None):
@@ -142,12 +145,13 @@ def main(argv=None):
     )
     print(
         f"90 % global sparsity, adam, buffers donated; {args.repeats} interleaved chunks of "
-        f"{args.iters} steps: best and median ms per step, overhead vs plain (best, median)"
+        f"{args.iters} steps. ms per step: best wall, median wall, median process CPU time; "
+        "overhead vs plain for each"
     )
-    head = f"{'model':<7}{'params':>8}{'batch':>6}{'plain':>10}{'(med)':>9}"
-    head += f"{'masked':>10}{'(med)':>9}{'best':>8}{'med':>8}"
-    head += f"{'wrap-only':>10}{'(med)':>9}{'best':>8}{'med':>8}"
-    print(head)
+    print(
+        f"{'model':<7}{'params':>7}{'batch':>6}  {'step':<13}{'best':>9}{'median':>9}{'cpu':>9}"
+        f"{'best':>10}{'median':>10}{'cpu':>10}"
+    )
     kw = dict(repeats=args.repeats, iters=args.iters)
     out = {"lenet": bench("LeNet", LeNet(), (28, 28, 1), 128, **kw)}
     if not args.smoke:

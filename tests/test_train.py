@@ -186,6 +186,13 @@ def test_init_checks_mask_shapes_and_names_the_leaf():
         keep_pruned(optax.sgd(0.1), masks).init(params)
 
 
+def test_init_rejects_non_bool_masks():
+    params, masks = _params_and_masks()
+    masks["conv"]["kernel"] = masks["conv"]["kernel"].astype(jnp.float32)
+    with pytest.raises(TypeError, match="mask at conv/kernel must be a bool array"):
+        keep_pruned(optax.sgd(0.1), masks).init(params)
+
+
 def test_init_checks_mask_structure():
     params, _ = _params_and_masks()
     with pytest.raises(ValueError, match="masks must mirror params"):
