@@ -79,9 +79,7 @@ def torch_lenet():
         def forward(self, x):  # x: (N, 1, 28, 28)
             x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
             x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-            x = torch.flatten(
-                x, 1
-            )  # the seed has x.view(...); (N,1,H,W) input can come out channels_last
+            x = torch.flatten(x, 1)  # the seed has x.view(...); (N,1,H,W) input can come out channels_last
             x = F.relu(self.fc1(x))
             x = F.relu(self.fc2(x))
             return self.fc3(x)
@@ -167,9 +165,7 @@ def load_digits_28(*, test_size: int = 500, seed: int = 0):
     x = digits.images.astype(np.float32) / 16.0
     x = np.asarray(jax.image.resize(jnp.asarray(x), (len(x), 28, 28), "bilinear"))[..., None]
     y = digits.target.astype(np.int32)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_size, random_state=seed, stratify=y
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
     return x_tr, y_tr, x_te, y_te
 
 

@@ -109,8 +109,7 @@ def main(argv=None):
     )
     print(jp.sparsity(masks, params))
     print(
-        f"pruned weights exactly 0: {all(jax.tree.leaves(zeros))}; train_step compiled "
-        f"{len(TRACES)} time(s)"
+        f"pruned weights exactly 0: {all(jax.tree.leaves(zeros))}; train_step compiled {len(TRACES)} time(s)"
     )
     return model, optimizer
 

@@ -58,13 +58,10 @@ def _check_masks(params: Any, masks: Any) -> None:
             raise ValueError(f"mask at {where} has no parameter; the paths are {list(shapes)}")
         if not hasattr(m, "shape") or jnp.result_type(m) != jnp.bool_:
             raise TypeError(
-                f"mask at {where} must be a bool array or None, got "
-                f"{getattr(m, 'dtype', type(m).__name__)}"
+                f"mask at {where} must be a bool array or None, got {getattr(m, 'dtype', type(m).__name__)}"
             )
         if tuple(m.shape) != tuple(shapes[where]):
-            raise ValueError(
-                f"mask at {where} has shape {tuple(m.shape)}, expected {tuple(shapes[where])}"
-            )
+            raise ValueError(f"mask at {where} has shape {tuple(m.shape)}, expected {tuple(shapes[where])}")
 
 
 class KeepPrunedState(NamedTuple):
@@ -74,9 +71,7 @@ class KeepPrunedState(NamedTuple):
     inner_state: optax.OptState
 
 
-def keep_pruned(
-    inner: optax.GradientTransformation, masks: Any
-) -> optax.GradientTransformationExtraArgs:
+def keep_pruned(inner: optax.GradientTransformation, masks: Any) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so that pruned weights stay exactly zero, whatever it does.
 
     Gradients are zeroed at pruned positions before ``inner`` sees them, and the final update is
@@ -179,8 +174,7 @@ def get_masks(opt_state: Any) -> Any:
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(s)]
     if len(found) != 1:
         raise ValueError(
-            f"expected exactly one KeepPrunedState (from jp.keep_pruned) in opt_state, "
-            f"found {len(found)}"
+            f"expected exactly one KeepPrunedState (from jp.keep_pruned) in opt_state, found {len(found)}"
         )
     return found[0].masks
 

@@ -46,11 +46,6 @@ def test_nnx_finetune(capsys):
     assert "pruned weights exactly 0: True; train_step compiled 1 time(s)" in out
 
 
-def test_convert_torch_checkpoint(tmp_path):
-    result = _run("convert_torch_checkpoint", ["--smoke", "--out", str(tmp_path)])
-    assert result["agree_in"] == 1.0 and result["agree_out"] == 1.0
-
-
 def test_bench_train_smoke(capsys):
     sys.path.insert(0, os.path.join(EXAMPLES, os.pardir, "bench"))
     _run("bench_train", ["--smoke"])

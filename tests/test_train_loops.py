@@ -217,9 +217,7 @@ def test_nnx_optimizer_loop_with_mask_swap():
         p = nnx.as_pure(nnx.state(model, nnx.Param))
         m = read_masks(model)
         for k in ("a", "b"):
-            np.testing.assert_array_equal(
-                np.asarray(p[k]["kernel"])[~np.asarray(m[k]["kernel"])], 0
-            )
+            np.testing.assert_array_equal(np.asarray(p[k]["kernel"])[~np.asarray(m[k]["kernel"])], 0)
 
     for _ in range(5):
         train_step(model, optimizer, x, y)
