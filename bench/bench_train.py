@@ -92,10 +92,14 @@ def bench(name, model, x_shape, batch, *, repeats, iters, sparsity=0.9):
     n_params = sum(p.size for p in jax.tree.leaves(params))
     masks = jp.global_unstructured(params, sparsity)
     params = jp.apply_masks(params, masks)  # prune once: pruned weights start at 0
-    runs = {}
+    runs, cost = {}, {}
     for label, (step, tx) in make_steps(model, masks).items():
         p = jax.tree.map(jnp.copy, params)  # own buffers: each step donates its inputs
         runs[label] = [step, p, jax.tree.map(jnp.copy, tx.init(p)), []]
+        # XLA's own estimate of the compiled step: noise-free, unlike the timings.
+        analysis = step.lower(p, runs[label][2], x, y).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        cost[label] = (analysis.get("flops", 0.0), analysis.get("bytes accessed", 0.0))
     for run in runs.values():  # compile and warm up
         _, run[1], run[2] = time_chunk(run[0], run[1], run[2], x, y, 2)
     for _ in range(repeats):  # interleaved: background load hits every variant alike
@@ -115,19 +119,17 @@ def bench(name, model, x_shape, batch, *, repeats, iters, sparsity=0.9):
         )
         for k, r in runs.items()
     }
-    base = stats["plain"]
+    base, base_cost = stats["plain"], cost["plain"]
     for k, (best, med, cpu) in stats.items():
-        over = (
-            ""
-            if k == "plain"
-            else "".join(f"{100 * (v / b - 1):>+9.1f}%" for v, b in zip((best, med, cpu), base))
+        over = "".join(
+            f"{100 * (v / b - 1):>+9.1f}%" for v, b in zip((best, med, cpu, *cost[k]), (*base, *base_cost))
         )
         print(
             f"{name:<7}{n_params / 1e6:>6.2f}M{batch:>6}  {k:<13}"
             f"{1e3 * best:>9.2f}{1e3 * med:>9.2f}{1e3 * cpu:>9.2f}{over}",
             flush=True,
         )
-    return {"params": n_params, "batch": batch, **stats}
+    return {"params": n_params, "batch": batch, "cost": cost, **stats}
 
 
 def main(argv=None):
@@ -146,11 +148,11 @@ def main(argv=None):
     print(
         f"90 % global sparsity, adam, buffers donated; {args.repeats} interleaved chunks of "
         f"{args.iters} steps. ms per step: best wall, median wall, median process CPU time; "
-        "overhead vs plain for each"
+        "overhead vs plain for each, and for XLA's cost analysis of the compiled step (flops, bytes)"
     )
     print(
         f"{'model':<7}{'params':>7}{'batch':>6}  {'step':<13}{'best':>9}{'median':>9}{'cpu':>9}"
-        f"{'best':>10}{'median':>10}{'cpu':>10}"
+        f"{'best':>10}{'median':>10}{'cpu':>10}{'flops':>10}{'bytes':>10}"
     )
     kw = dict(repeats=args.repeats, iters=args.iters)
     out = {"lenet": bench("LeNet", LeNet(), (28, 28, 1), 128, **kw)}

@@ -34,6 +34,7 @@ def test_demo(tmp_path, capsys):
     out = capsys.readouterr().out
     assert (tmp_path / "accuracy_vs_sparsity.png").stat().st_size > 1000
     assert (tmp_path / "lenet_pruned90.pt").exists()
+    assert "gradual" in (tmp_path / "accuracy_vs_sparsity.txt").read_text()
     assert result["agreement"] == 1.0
     assert result["exact_zero"]
     assert result["gradual"][0] == pytest.approx(0.9, abs=0.01)
@@ -50,3 +51,30 @@ def test_bench_train_smoke(capsys):
     sys.path.insert(0, os.path.join(EXAMPLES, os.pardir, "bench"))
     _run("bench_train", ["--smoke"])
     assert "wrapper-only" in capsys.readouterr().out
+
+
+def test_load_mnist_reads_idx_files(tmp_path):
+    import gzip
+    import struct
+
+    import numpy as np
+    from lenet import load_mnist
+
+    rng = np.random.default_rng(0)
+
+    def write(name, arr, gz):
+        header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+        opener = gzip.open if gz else open
+        with opener(tmp_path / (name + (".gz" if gz else "")), "wb") as f:
+            f.write(header + arr.astype(np.uint8).tobytes())
+
+    write("train-images-idx3-ubyte", rng.integers(0, 256, (5, 28, 28)), gz=True)
+    write("train-labels-idx1-ubyte", np.arange(5), gz=False)
+    write("t10k-images-idx3-ubyte", rng.integers(0, 256, (3, 28, 28)), gz=False)
+    write("t10k-labels-idx1-ubyte", np.arange(3), gz=True)
+    x_tr, y_tr, x_te, y_te = load_mnist(str(tmp_path))
+    assert x_tr.shape == (5, 28, 28, 1) and x_te.shape == (3, 28, 28, 1)
+    assert x_tr.dtype == np.float32 and 0 <= x_tr.min() and x_tr.max() <= 1
+    assert y_tr.tolist() == [0, 1, 2, 3, 4] and y_te.tolist() == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="train-images"):
+        load_mnist(str(tmp_path / "missing"))
