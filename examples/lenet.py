@@ -172,7 +172,7 @@ def load_digits_28(*, test_size: int = 500, seed: int = 0):
 def _read_idx(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        _, _, dtype, ndim = struct.unpack(">HBBB", f.read(4))
+        _, _, ndim = struct.unpack(">HBB", f.read(4))  # zero, dtype (0x08: uint8), ndim
         shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
         return np.frombuffer(f.read(), np.uint8).reshape(shape)
 
