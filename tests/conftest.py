@@ -170,8 +170,12 @@ def jax_step(params, masks, names, step, wrap=lambda f: f):
 
         def f(p, m):
             new = jp.identity(p, select=sel)
-            return {k: (m or {}).get(k) if new[k] is None else
-                    (new[k] if (m or {}).get(k) is None else new[k] & m[k]) for k in p}
+            return {
+                k: (m or {}).get(k)
+                if new[k] is None
+                else (new[k] if (m or {}).get(k) is None else new[k] & m[k])
+                for k in p
+            }
     elif kind == "custom":
         (mask,) = args
         given = {k: (jnp.asarray(mask[k]) if k in names else None) for k in params}

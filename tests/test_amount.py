@@ -40,11 +40,39 @@ def jprune_count(amount, n):
 
 # §2.2 rounding table, plus the §11 peer cases (test_compute_nparams_to_prune) and float artefacts.
 ROUNDING = [
-    (0.5, 5), (0.25, 2), (0.05, 10), (0.45, 10), (0.1, 25), (0.625, 4), (0.5, 1),
-    (0.1, 15), (0.07, 150), (0.35, 90), (0.5, 3), (1.5 / 7, 7), (0.3, 5), (0.7, 5),
-    (0, 15), (10, 15), (1, 15), (1.0, 15), (0.4, 17), (0.0, 0), (1.0, 0), (0.5, 0),
-    (19 / 20, 20), (0.3333, 3), (2.5 / 13, 13), (0.999, 1000), (0.0005, 1000),
-    (0.0015, 1000), (1, 1), (0, 0), (-0.0, 10), (1.0, 1), (0.999999, 7),
+    (0.5, 5),
+    (0.25, 2),
+    (0.05, 10),
+    (0.45, 10),
+    (0.1, 25),
+    (0.625, 4),
+    (0.5, 1),
+    (0.1, 15),
+    (0.07, 150),
+    (0.35, 90),
+    (0.5, 3),
+    (1.5 / 7, 7),
+    (0.3, 5),
+    (0.7, 5),
+    (0, 15),
+    (10, 15),
+    (1, 15),
+    (1.0, 15),
+    (0.4, 17),
+    (0.0, 0),
+    (1.0, 0),
+    (0.5, 0),
+    (19 / 20, 20),
+    (0.3333, 3),
+    (2.5 / 13, 13),
+    (0.999, 1000),
+    (0.0005, 1000),
+    (0.0015, 1000),
+    (1, 1),
+    (0, 0),
+    (-0.0, 10),
+    (1.0, 1),
+    (0.999999, 7),
 ]
 
 
@@ -100,8 +128,8 @@ def test_bool_amount_is_rejected():
 
 
 @pytest.mark.parametrize(
-    "amount", [0.34, 1500, 0, 0.0, 1, 1.0, -0.0, np.int64(3), np.float64(0.5), np.float32(0.25),
-               Fraction(1, 4), 0.5]
+    "amount",
+    [0.34, 1500, 0, 0.0, 1, 1.0, -0.0, np.int64(3), np.float64(0.5), np.float32(0.25), Fraction(1, 4), 0.5],
 )
 def test_accepted_amounts(amount):
     """§11 test_validate_pruning_amount_init: what torch accepts, jprune accepts."""
@@ -126,8 +154,21 @@ def test_int_versus_float_by_type():
     assert pruned_count(jp.l1_unstructured(w, 1.0)) == 10
 
 
-@pytest.mark.parametrize("amount,n", [(0.07, 150), (0.35, 90), (0.1, 15), (0.5, 5), (0.45, 10),
-                                      (0.625, 4), (0.5, 1), (1500, 1499), (7, 7), (0.0, 3)])
+@pytest.mark.parametrize(
+    "amount,n",
+    [
+        (0.07, 150),
+        (0.35, 90),
+        (0.1, 15),
+        (0.5, 5),
+        (0.45, 10),
+        (0.625, 4),
+        (0.5, 1),
+        (1500, 1499),
+        (7, 7),
+        (0.0, 3),
+    ],
+)
 def test_rounding_end_to_end_vs_torch(amount, n):
     """The count of a real prune, torch vs jprune (per leaf, global, and structured)."""
     rng = np.random.default_rng(n)
@@ -155,20 +196,26 @@ def test_rounding_end_to_end_vs_torch(amount, n):
 # --- numpy / Fraction amounts: torch rounds the product in the amount's own arithmetic ----------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: np.float32 amount: torch rounds the float32 product "
-                   "np.float32(0.7)*5 == 3.5 -> 4; jprune rounds float(amount)*5 == 3.49999994 -> 3")
 def test_numpy_float32_amount_matches_torch():
+    """Was a bug (fixed in 9dd8c2b): torch rounds the float32 product np.float32(0.7) * 5 == 3.5."""
     assert jprune_count(np.float32(0.7), 5) == torch_count(np.float32(0.7), 5) == 4
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Fraction amount: torch rounds the exact product "
-                   "Fraction(7, 20)*90 == 63/2 -> 32; jprune rounds float(amount)*90 -> 31")
 def test_fraction_amount_matches_torch():
+    """Was a bug (fixed in 9dd8c2b): torch rounds the exact product Fraction(7, 20) * 90 == 63/2."""
     assert jprune_count(Fraction(7, 20), 90) == torch_count(Fraction(7, 20), 90) == 32
 
 
-@pytest.mark.parametrize("amount,n", [(np.float64(0.35), 90), (np.float64(0.07), 150),
-                                      (np.int64(4), 9), (Fraction(1, 2), 5), (Fraction(1, 3), 9)])
+@pytest.mark.parametrize(
+    "amount,n",
+    [
+        (np.float64(0.35), 90),
+        (np.float64(0.07), 150),
+        (np.int64(4), 9),
+        (Fraction(1, 2), 5),
+        (Fraction(1, 3), 9),
+    ],
+)
 def test_numpy_and_fraction_amounts_that_agree(amount, n):
     assert jprune_count(amount, n) == torch_count(amount, n)
 
@@ -177,10 +224,11 @@ def test_numpy_and_fraction_amounts_that_agree(amount, n):
 
 
 def exact_count(a32, n):
-    """round_half_even(a * n) computed exactly for the float32 value a, clipped to [0, n]."""
+    """Python's ``round(a * n)`` (double product, half to even) for the float32 value ``a``,
+    clipped to [0, 1] and [0, n]: what ``count_traced`` emulates for a floating traced amount."""
     if math.isnan(float(a32)):
         return 0
-    a = min(max(Fraction(float(a32)), Fraction(0)), Fraction(1))
+    a = min(max(float(a32), 0.0), 1.0)
     return min(max(round(a * n), 0), n)
 
 
@@ -188,8 +236,14 @@ def test_count_traced_exact_random():
     rng = np.random.default_rng(0)
     a = rng.uniform(0, 1, 400).astype(np.float32)
     # halves and values near them, tiny/subnormal amounts, exact 0 and 1
-    a = np.concatenate([a, np.float32([0.5, 0.25, 0.125, 0.375, 1.0, 0.0, 1e-30, 1e-45, 0.7, 0.35,
-                                       0.07, 0.1, 0.9999999, 5e-8])])
+    a = np.concatenate(
+        [
+            a,
+            np.float32(
+                [0.5, 0.25, 0.125, 0.375, 1.0, 0.0, 1e-30, 1e-45, 0.7, 0.35, 0.07, 0.1, 0.9999999, 5e-8]
+            ),
+        ]
+    )
     n = rng.integers(0, 2**31 - 1, a.size).astype(np.int32)
     n[:40] = rng.integers(0, 20, 40)
     n[-14:] = [5, 4, 8, 8, 2**31 - 1, 2**31 - 1, 2**31 - 1, 2**31 - 1, 5, 90, 150, 15, 3, 2**30]
@@ -223,14 +277,33 @@ def test_traced_amount_must_be_scalar():
 @pytest.mark.parametrize("wrap", JITS)
 @pytest.mark.parametrize("amount", [0.07, 0.35, 0.1, 0.5, 0.45, 3, 0, 1.0])
 def test_jax_scalar_amount_equals_python_amount(wrap, amount):
-    """A jax scalar amount (traced under jit) gives the host count whenever float32 agrees."""
+    """A jax float32/int32 amount (traced under jit) gives the host count of that float32 value,
+    which is the Python float's count except where float32 rounding moves the product."""
     rng = np.random.default_rng(1)
     for n in (15, 90, 150, 10):
         w = jnp.asarray(tie_free(rng, (n,)))
         if isinstance(amount, int) and amount > n:
             continue
         if not isinstance(amount, int) and exact_count(np.float32(amount), n) != round(amount * n):
-            continue  # e.g. 0.45 * 150: 67.5 -> 68 in double, 67.49999... -> 67 in float32
+            # e.g. 0.45 * 150: 67.5 -> 68 in double, 67.49999... -> 67 in float32
+            want = exact_count(np.float32(amount), n)
+            got = wrap(lambda w, a: jp.l1_unstructured(w, a))(w, jnp.float32(amount))
+            assert pruned_count(got) == want
+            continue
         ref = jp.l1_unstructured(w, amount)
-        got = wrap(lambda w, a: jp.l1_unstructured(w, a))(w, _amount.as_device_amount(amount))
+        a = jnp.int32(amount) if isinstance(amount, int) else jnp.float32(amount)
+        got = wrap(lambda w, a: jp.l1_unstructured(w, a))(w, a)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+@pytest.mark.parametrize(
+    "amount,n",
+    ROUNDING
+    + [(0.45, 150), (0.7, 5), (0.9999999, 2**31 - 1), (1e-300, 2**31 - 1), (5e-324, 7), (0.3, 2**31 - 1)],
+)
+def test_device_amount_words_match_host_count(amount, n):
+    """``as_device_amount`` keeps the double exactly: the device count equals ``count``."""
+    if isinstance(amount, int) and amount > n:
+        return
+    f = jax.jit(_amount.count_traced)
+    assert int(f(_amount.as_device_amount(amount), n)) == _amount.count(amount, n)

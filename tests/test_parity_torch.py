@@ -159,8 +159,13 @@ def test_global_random_exact_total_count():
     mod = torch_module(arrays)
     tprune.global_unstructured([(mod, "a"), (mod, "b")], tprune.RandomUnstructured, amount=0.3)
     want = sum(int((getattr(mod, n + "_mask") == 0).sum()) for n in "ab")
-    m = jp.global_unstructured({k: jnp.asarray(v) for k, v in arrays.items()}, 0.3,
-                               method="random", key=jax.random.key(0), select=["a", "b"])
+    m = jp.global_unstructured(
+        {k: jnp.asarray(v) for k, v in arrays.items()},
+        0.3,
+        method="random",
+        key=jax.random.key(0),
+        select=["a", "b"],
+    )
     assert pruned_count(m["a"]) + pruned_count(m["b"]) == want == round(0.3 * 46)
 
 
@@ -265,7 +270,8 @@ def test_importance_scores_per_leaf_sequence(wrap):
     p = jnp.asarray(w)
     m = wrap(lambda p, s: jp.l1_unstructured(p, 6, importance_scores=s))(p, jnp.asarray(s1))
     m = wrap(lambda p, m, s: jp.ln_structured(p, 0.5, 2, 0, masks=m, importance_scores=s))(
-        p, m, jnp.asarray(s2))
+        p, m, jnp.asarray(s2)
+    )
     m = wrap(lambda p, m: jp.l1_unstructured(p, 0.5, masks=m))(p, m)
     np.testing.assert_array_equal(np.asarray(m), torch_mask(mod, "w"))
 
@@ -295,12 +301,16 @@ def test_global_importance_scores_dict(wrap, amount):
     sel = ["a", "b", "c"]
     tprune.l1_unstructured(mod, "b", 1)
     masks = jp.l1_unstructured(params, 1, select="b")
-    tprune.global_unstructured([(mod, n) for n in sel], tprune.L1Unstructured,
-                               importance_scores={(mod, "a"): torch.tensor(sa),
-                                                  (mod, "c"): torch.tensor(sc)}, amount=amount)
+    tprune.global_unstructured(
+        [(mod, n) for n in sel],
+        tprune.L1Unstructured,
+        importance_scores={(mod, "a"): torch.tensor(sa), (mod, "c"): torch.tensor(sc)},
+        amount=amount,
+    )
     scores = {"a": jnp.asarray(sa), "b": None, "c": jnp.asarray(sc)}
-    m = wrap(lambda p, m, s: jp.global_unstructured(p, amount, masks=m, importance_scores=s,
-                                                    select=sel))(params, masks, scores)
+    m = wrap(lambda p, m, s: jp.global_unstructured(p, amount, masks=m, importance_scores=s, select=sel))(
+        params, masks, scores
+    )
     assert_same_masks({n: torch_mask(mod, n) for n in sel}, to_np(m))
 
 
@@ -480,23 +490,19 @@ def test_remove_then_prune_again():
     np.testing.assert_array_equal(m2, torch_mask(mod, "w"))
 
 
-@pytest.mark.parametrize(
-    "wrap",
-    [
-        pytest.param(jax.jit, id="jit", marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG: under jit XLA rewrites p * mask.astype(p.dtype) to select(mask, p, 0): pruned "
-            "NaN/inf give 0.0 (torch NaN), pruned -2.0 gives +0.0 (torch -0.0)"))),
-        pytest.param(lambda f: f, id="eager"),
-    ],
-)
+@pytest.mark.parametrize("wrap", JITS)
 def test_apply_masks_bitwise_like_torch(wrap):
-    """§1: a product, not a select: pruned NaN/inf stay NaN, pruned negatives become -0.0."""
+    """§1: a product, not a select: pruned NaN/inf stay NaN, pruned negatives become -0.0.
+
+    Was a bug under jit (fixed in 9dd8c2b): XLA rewrote p * mask.astype(p.dtype) to a select."""
     w = np.array([1.0, -2.0, np.nan, np.inf, -np.inf, -0.0, 3.0, np.nan], np.float32)
     mask = np.array([0, 0, 0, 0, 0, 0, 1, 1], bool)
     mod = torch_module({"w": w})
     tprune.custom_from_mask(mod, "w", torch.tensor(mask))
     want = mod.w.detach().numpy()
     got = np.asarray(wrap(jp.apply_masks)(jnp.asarray(w), jnp.asarray(mask)))
+    removed = np.asarray(wrap(jp.remove)(jnp.asarray(w), jnp.asarray(mask)))
+    np.testing.assert_array_equal(removed.view(np.uint32), got.view(np.uint32))
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     ok = ~np.isnan(want)
     np.testing.assert_array_equal(got[ok], want[ok])
@@ -523,25 +529,42 @@ def both_raise(torch_fn, jax_fn, exc, match_torch=None, match_jax=None):
         jax_fn()
 
 
-@pytest.mark.parametrize("amount,exc", [("0.5", TypeError), (None, TypeError), (1.1, ValueError),
-                                        (-1, ValueError), (-0.1, ValueError), (21, ValueError)])
+@pytest.mark.parametrize(
+    "amount,exc",
+    [
+        ("0.5", TypeError),
+        (None, TypeError),
+        (1.1, ValueError),
+        (-1, ValueError),
+        (-0.1, ValueError),
+        (21, ValueError),
+    ],
+)
 def test_amount_errors_every_method(amount, exc):
     w = tie_free(np.random.default_rng(0), (4, 5))
     p = jnp.asarray(w)
     key = jax.random.key(0)
     calls = [
         (lambda m: tprune.l1_unstructured(m, "w", amount), lambda: jp.l1_unstructured(p, amount)),
-        (lambda m: tprune.random_unstructured(m, "w", amount),
-         lambda: jp.random_unstructured(p, amount, key=key)),
-        (lambda m: tprune.ln_structured(m, "w", amount, n=2, dim=0),
-         lambda: jp.ln_structured(p, amount, 2, 0)),
-        (lambda m: tprune.random_structured(m, "w", amount, dim=0),
-         lambda: jp.random_structured(p, amount, 0, key=key)),
-        (lambda m: tprune.global_unstructured([(m, "w")], tprune.L1Unstructured, amount=amount),
-         lambda: jp.global_unstructured({"w": p}, amount, select="w")),
+        (
+            lambda m: tprune.random_unstructured(m, "w", amount),
+            lambda: jp.random_unstructured(p, amount, key=key),
+        ),
+        (
+            lambda m: tprune.ln_structured(m, "w", amount, n=2, dim=0),
+            lambda: jp.ln_structured(p, amount, 2, 0),
+        ),
+        (
+            lambda m: tprune.random_structured(m, "w", amount, dim=0),
+            lambda: jp.random_structured(p, amount, 0, key=key),
+        ),
+        (
+            lambda m: tprune.global_unstructured([(m, "w")], tprune.L1Unstructured, amount=amount),
+            lambda: jp.global_unstructured({"w": p}, amount, select="w"),
+        ),
     ]
     for tf, jf in calls:
-        both_raise(lambda: tf(torch_module({"w": w})), jf, exc)
+        both_raise(lambda tf=tf: tf(torch_module({"w": w})), jf, exc)
 
 
 def test_k_larger_than_remaining_on_reprune():
@@ -550,22 +573,32 @@ def test_k_larger_than_remaining_on_reprune():
     tprune.l1_unstructured(mod, "w", 8)
     m = jp.l1_unstructured(jnp.asarray(w), 8)
     msg = r"amount=5 should be smaller than the number of parameters to prune=4"
-    both_raise(lambda: tprune.l1_unstructured(mod, "w", 5),
-               lambda: jp.l1_unstructured(jnp.asarray(w), 5, masks=m), ValueError, msg)
+    both_raise(
+        lambda: tprune.l1_unstructured(mod, "w", 5),
+        lambda: jp.l1_unstructured(jnp.asarray(w), 5, masks=m),
+        ValueError,
+        msg,
+    )
     # structured: 2 of 3 rows pruned, 2 more rows do not exist
     mod = torch_module({"w": w})
     tprune.ln_structured(mod, "w", 2, n=1, dim=0)
     m = jp.ln_structured(jnp.asarray(w), 2, 1, 0)
-    both_raise(lambda: tprune.ln_structured(mod, "w", 2, n=1, dim=0),
-               lambda: jp.ln_structured(jnp.asarray(w), 2, 1, 0, masks=m), ValueError,
-               r"amount=2 should be smaller than the number of parameters to prune=1")
+    both_raise(
+        lambda: tprune.ln_structured(mod, "w", 2, n=1, dim=0),
+        lambda: jp.ln_structured(jnp.asarray(w), 2, 1, 0, masks=m),
+        ValueError,
+        r"amount=2 should be smaller than the number of parameters to prune=1",
+    )
     # global: 12 entries, 8 pruned
     mod = torch_module({"w": w})
     tprune.l1_unstructured(mod, "w", 8)
     m = jp.l1_unstructured(jnp.asarray(w), 8)
-    both_raise(lambda: tprune.global_unstructured([(mod, "w")], tprune.L1Unstructured, amount=5),
-               lambda: jp.global_unstructured({"w": jnp.asarray(w)}, 5, masks={"w": m}, select="w"),
-               ValueError, r"amount=5 should be smaller than the number of parameters to prune=4")
+    both_raise(
+        lambda: tprune.global_unstructured([(mod, "w")], tprune.L1Unstructured, amount=5),
+        lambda: jp.global_unstructured({"w": jnp.asarray(w)}, 5, masks={"w": m}, select="w"),
+        ValueError,
+        r"amount=5 should be smaller than the number of parameters to prune=4",
+    )
 
 
 @pytest.mark.parametrize("method", ["ln", "random"])
@@ -584,9 +617,13 @@ def test_structured_ndim_and_axis_errors(method):
         return jp.random_structured(jnp.asarray(w), 1, axis, key=key)
 
     v = np.arange(1.0, 5.0, dtype=np.float32)
-    both_raise(lambda: t_call(v, 0), lambda: j_call(v, 0), ValueError,
-               r"Structured pruning can only be applied to multidimensional tensors. "
-               r"Found tensor of shape \(4,\) with 1 dims|torch.Size\(\[4\]\) with 1 dims")
+    both_raise(
+        lambda: t_call(v, 0),
+        lambda: j_call(v, 0),
+        ValueError,
+        r"Structured pruning can only be applied to multidimensional tensors. "
+        r"Found tensor of shape \(4,\) with 1 dims|torch.Size\(\[4\]\) with 1 dims",
+    )
     w = tie_free(np.random.default_rng(0), (3, 4))
     both_raise(lambda: t_call(w, 2), lambda: j_call(w, 2), IndexError, r"Invalid index 2")
     both_raise(lambda: t_call(w, -3), lambda: j_call(w, -3), IndexError, r"out of range")
@@ -610,9 +647,12 @@ def test_structured_axis_errors_on_reprune():
 def test_fro_nuc_errors(shape, n, amount):
     """Raised even for amount 0 (§2.5: the norms are computed first)."""
     w = tie_free(np.random.default_rng(0), shape)
-    both_raise(lambda: tprune.ln_structured(torch_module({"w": w}), "w", amount, n=n, dim=0),
-               lambda: jp.ln_structured(jnp.asarray(w), amount, n, 0), RuntimeError,
-               r"linalg.matrix_norm: dim must be a 2-tuple")
+    both_raise(
+        lambda: tprune.ln_structured(torch_module({"w": w}), "w", amount, n=n, dim=0),
+        lambda: jp.ln_structured(jnp.asarray(w), amount, n, 0),
+        RuntimeError,
+        r"linalg.matrix_norm: dim must be a 2-tuple",
+    )
 
 
 def test_fro_on_3d_equals_2():
@@ -625,29 +665,42 @@ def test_fro_on_3d_equals_2():
 def test_integer_scores_for_ln():
     w = tie_free(np.random.default_rng(0), (3, 4))
     s = np.arange(12).reshape(3, 4)
-    both_raise(lambda: tprune.ln_structured(torch_module({"w": w}), "w", 1, n=2, dim=0,
-                                            importance_scores=torch.tensor(s)),
-               lambda: jp.ln_structured(jnp.asarray(w), 1, 2, 0, importance_scores=jnp.asarray(s)),
-               RuntimeError, r"linalg.vector_norm: Expected a floating point")
+    both_raise(
+        lambda: tprune.ln_structured(
+            torch_module({"w": w}), "w", 1, n=2, dim=0, importance_scores=torch.tensor(s)
+        ),
+        lambda: jp.ln_structured(jnp.asarray(w), 1, 2, 0, importance_scores=jnp.asarray(s)),
+        RuntimeError,
+        r"linalg.vector_norm: Expected a floating point",
+    )
 
 
 def test_shape_mismatch_errors_are_assertion_errors_like_torch():
     w = tie_free(np.random.default_rng(0), (3, 4))
     bad = np.ones((4, 3), np.float32)
     p = jnp.asarray(w)
-    both_raise(lambda: tprune.l1_unstructured(torch_module({"w": w}), "w", 1,
-                                              importance_scores=torch.tensor(bad)),
-               lambda: jp.l1_unstructured(p, 1, importance_scores=jnp.asarray(bad)),
-               AssertionError, r"importance_scores should have the same shape",
-               r"importance_scores at .* should have the same shape")
-    both_raise(lambda: tprune.ln_structured(torch_module({"w": w}), "w", 1, n=1, dim=0,
-                                            importance_scores=torch.tensor(bad)),
-               lambda: jp.ln_structured(p, 1, 1, 0, importance_scores=jnp.asarray(bad)),
-               AssertionError, r"importance_scores should have the same shape",
-               r"importance_scores at .* should have the same shape")
-    both_raise(lambda: tprune.custom_from_mask(torch_module({"w": w}), "w", torch.tensor(bad)),
-               lambda: jp.custom_from_mask(p, jnp.asarray(bad)),
-               AssertionError, r"default_mask shape .* must match")
+    both_raise(
+        lambda: tprune.l1_unstructured(torch_module({"w": w}), "w", 1, importance_scores=torch.tensor(bad)),
+        lambda: jp.l1_unstructured(p, 1, importance_scores=jnp.asarray(bad)),
+        AssertionError,
+        r"importance_scores should have the same shape",
+        r"importance_scores at .* should have the same shape",
+    )
+    both_raise(
+        lambda: tprune.ln_structured(
+            torch_module({"w": w}), "w", 1, n=1, dim=0, importance_scores=torch.tensor(bad)
+        ),
+        lambda: jp.ln_structured(p, 1, 1, 0, importance_scores=jnp.asarray(bad)),
+        AssertionError,
+        r"importance_scores should have the same shape",
+        r"importance_scores at .* should have the same shape",
+    )
+    both_raise(
+        lambda: tprune.custom_from_mask(torch_module({"w": w}), "w", torch.tensor(bad)),
+        lambda: jp.custom_from_mask(p, jnp.asarray(bad)),
+        AssertionError,
+        r"default_mask shape .* must match",
+    )
     for exc in (AssertionError, ValueError):
         with pytest.raises(exc):
             jp.l1_unstructured(p, 1, masks=jnp.ones((4, 3), bool))
@@ -658,9 +711,8 @@ def test_shape_mismatch_errors_are_assertion_errors_like_torch():
 def test_global_method_name():
     """torch: TypeError for a non-unstructured method class; jprune: ValueError for an unknown name."""
     w = tie_free(np.random.default_rng(0), (3, 4))
-    with pytest.raises(TypeError, match="Only \"unstructured\" PRUNING_TYPE"):
-        tprune.global_unstructured([(torch_module({"w": w}), "w")], tprune.LnStructured,
-                                   amount=1, n=2, dim=0)
+    with pytest.raises(TypeError, match='Only "unstructured" PRUNING_TYPE'):
+        tprune.global_unstructured([(torch_module({"w": w}), "w")], tprune.LnStructured, amount=1, n=2, dim=0)
     for bad in ("ln", "L1", "structured", None):
         with pytest.raises(ValueError, match="method must be 'l1' or 'random'"):
             jp.global_unstructured({"w": jnp.asarray(w)}, 1, method=bad, select="w")

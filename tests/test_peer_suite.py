@@ -114,8 +114,9 @@ def test_identity_pruning():
     masks = jp.identity(params)
     loss = lambda p, m: jnp.sum(effective_apply(model, p, m, x) ** 2)  # noqa: E731
     plain = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)  # noqa: E731
-    np.testing.assert_array_equal(effective_apply(model, params, masks, x),
-                                  model.apply({"params": params}, x))
+    np.testing.assert_array_equal(
+        effective_apply(model, params, masks, x), model.apply({"params": params}, x)
+    )
     g = jax.grad(loss)(params, masks)
     jax.tree.map(np.testing.assert_array_equal, g, jax.grad(plain)(params))
     for _ in range(2):  # repeated forwards are stable
@@ -129,8 +130,9 @@ def test_random_pruning_0perc():
     x = jax.random.normal(jax.random.key(1), (3, 5))
     masks = jp.custom_from_mask(params, {"kernel": jnp.ones((5, 7)), "bias": None})
     assert pruned_count(masks["kernel"]) == 0
-    np.testing.assert_array_equal(effective_apply(model, params, masks, x),
-                                  model.apply({"params": params}, x))
+    np.testing.assert_array_equal(
+        effective_apply(model, params, masks, x), model.apply({"params": params}, x)
+    )
     g1 = jax.grad(lambda p: effective_apply(model, p, masks, x).sum())(params)
     g2 = jax.grad(lambda p: model.apply({"params": p}, x).sum())(params)
     jax.tree.map(np.testing.assert_array_equal, g1, g2)
@@ -183,7 +185,8 @@ def test_pruning_id_consistency():
     before = jax.tree.map(np.array, params)
     masks = jp.l1_unstructured(params, 0.5)
     assert jax.tree.structure(masks, is_leaf=lambda x: x is None) == jax.tree.structure(
-        jax.tree.map(lambda _: 0, params))
+        jax.tree.map(lambda _: 0, params)
+    )
     removed = jp.remove(params, masks)
     assert jax.tree.structure(removed) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(removed), jax.tree.leaves(params)):
@@ -199,8 +202,7 @@ def test_random_pruning_pickle():
         p2, m2 = pickle.loads(pickle.dumps((params, masks)))
         assert m2["bias"] is None
         np.testing.assert_array_equal(m2["kernel"], masks["kernel"])
-        jax.tree.map(np.testing.assert_array_equal, jp.apply_masks(p2, m2),
-                     jp.apply_masks(params, masks))
+        jax.tree.map(np.testing.assert_array_equal, jp.apply_masks(p2, m2), jp.apply_masks(params, masks))
 
 
 # 14
@@ -214,10 +216,14 @@ def test_multiple_pruning_calls():
     p = jnp.asarray(w)
     steps = [
         (lambda: tprune.l1_unstructured(mod, "w", 0.5), lambda m: jp.l1_unstructured(p, 0.5)),
-        (lambda: tprune.ln_structured(mod, "w", 0.2, n=2, dim=0),
-         lambda m: jp.ln_structured(p, 0.2, 2, 0, masks=m)),
-        (lambda: tprune.ln_structured(mod, "w", 0.2, n=float("inf"), dim=1),
-         lambda m: jp.ln_structured(p, 0.2, float("inf"), 1, masks=m)),
+        (
+            lambda: tprune.ln_structured(mod, "w", 0.2, n=2, dim=0),
+            lambda m: jp.ln_structured(p, 0.2, 2, 0, masks=m),
+        ),
+        (
+            lambda: tprune.ln_structured(mod, "w", 0.2, n=float("inf"), dim=1),
+            lambda m: jp.ln_structured(p, 0.2, float("inf"), 1, masks=m),
+        ),
     ]
     m = None
     for tstep, jstep in steps:
@@ -227,8 +233,7 @@ def test_multiple_pruning_calls():
         if m is not None:
             assert not np.any(np.asarray(new) & ~np.asarray(m))  # pruned stays pruned
         m = new
-    assert isinstance(mod._forward_pre_hooks[next(iter(mod._forward_pre_hooks))],
-                      tprune.PruningContainer)
+    assert isinstance(mod._forward_pre_hooks[next(iter(mod._forward_pre_hooks))], tprune.PruningContainer)
 
 
 # 15
@@ -259,12 +264,15 @@ def test_pruning_container_compute_mask():
     c._tensor_name = "test"
     tt, dm = torch.tensor(t), torch.tensor(default)
     methods = [
-        (tprune.L1Unstructured(amount=2), lambda: jp.l1_unstructured(
-            jt, 2, masks=jm, importance_scores=jt)),
-        (tprune.LnStructured(amount=1, n=2, dim=0), lambda: jp.ln_structured(
-            jt, 1, 2, 0, masks=jm, importance_scores=jt)),
-        (tprune.LnStructured(amount=1, n=2, dim=1), lambda: jp.ln_structured(
-            jt, 1, 2, 1, masks=jm, importance_scores=jt)),
+        (tprune.L1Unstructured(amount=2), lambda: jp.l1_unstructured(jt, 2, masks=jm, importance_scores=jt)),
+        (
+            tprune.LnStructured(amount=1, n=2, dim=0),
+            lambda: jp.ln_structured(jt, 1, 2, 0, masks=jm, importance_scores=jt),
+        ),
+        (
+            tprune.LnStructured(amount=1, n=2, dim=1),
+            lambda: jp.ln_structured(jt, 1, 2, 1, masks=jm, importance_scores=jt),
+        ),
     ]
     jt, jm = jnp.asarray(t), jnp.asarray(default, bool)
     expected = [[[0, 0, 1, 0], [1, 1, 0, 1]], [[0, 0, 0, 0], [1, 1, 0, 1]], [[0, 1, 1, 0], [0, 1, 0, 1]]]
@@ -336,8 +344,9 @@ def test_random_structured_pruning_amount():
     assert sorted((mod.w_mask == 0).sum(dim=(0, 1)).tolist()) == [0, 20]
 
 
-CONV_W = np.array([[[[1.0, 2.0], [1.0, 2.5]], [[0.5, 1.0], [0.1, 0.1]], [[-3.0, -5.0], [0.1, -1.0]]]],
-                  np.float32)  # torch Conv2d(3, 1, 2).weight: (out 1, in 3, 2, 2)
+CONV_W = np.array(
+    [[[[1.0, 2.0], [1.0, 2.5]], [[0.5, 1.0], [0.1, 0.1]], [[-3.0, -5.0], [0.1, -1.0]]]], np.float32
+)  # torch Conv2d(3, 1, 2).weight: (out 1, in 3, 2, 2)
 
 
 # 21
@@ -364,8 +373,9 @@ def test_ln_structured_pruning():
 
 # 22
 def test_ln_structured_pruning_importance_scores():
-    s = np.array([[[[10.0, 1.0], [9.0, 0.5]], [[20.0, 2.0], [30.0, 3.0]], [[40.0, 0.1], [50.0, 0.2]]]],
-                 np.float32)
+    s = np.array(
+        [[[[10.0, 1.0], [9.0, 0.5]], [[20.0, 2.0], [30.0, 3.0]], [[40.0, 0.1], [50.0, 0.2]]]], np.float32
+    )
     mod = torch_module({"w": CONV_W})
     p, js = jnp.asarray(CONV_W), jnp.asarray(s)
     tprune.ln_structured(mod, "w", 1, n=2, dim=1, importance_scores=torch.tensor(s))
@@ -427,14 +437,21 @@ def test_global_pruning():
 # 26
 def test_global_pruning_importance_scores():
     arrays = _global_arrays()
-    scores = {"a": np.array([[1.5, 2.5, 0.1, 3], [-4, 0.2, -2, -1.2]], np.float32),
-              "b": np.array([[0.3, 0.9, 0.05]], np.float32)}
+    scores = {
+        "a": np.array([[1.5, 2.5, 0.1, 3], [-4, 0.2, -2, -1.2]], np.float32),
+        "b": np.array([[0.3, 0.9, 0.05]], np.float32),
+    }
     mod = torch_module(arrays)
-    tprune.global_unstructured([(mod, "a"), (mod, "b")], tprune.L1Unstructured, amount=4,
-                               importance_scores={(mod, k): torch.tensor(v) for k, v in scores.items()})
+    tprune.global_unstructured(
+        [(mod, "a"), (mod, "b")],
+        tprune.L1Unstructured,
+        amount=4,
+        importance_scores={(mod, k): torch.tensor(v) for k, v in scores.items()},
+    )
     params = {k: jnp.asarray(v) for k, v in arrays.items()}
-    m = jp.global_unstructured(params, 4, select=["a", "b"],
-                               importance_scores={k: jnp.asarray(v) for k, v in scores.items()})
+    m = jp.global_unstructured(
+        params, 4, select=["a", "b"], importance_scores={k: jnp.asarray(v) for k, v in scores.items()}
+    )
     eff = jp.apply_masks(params, m)
     for k in "ab":
         np.testing.assert_array_equal(eff[k], getattr(mod, k).detach().numpy())
@@ -482,14 +499,12 @@ def test_pruning_serialization_model():
     model, params = linear()
     masks = jp.l1_unstructured(params, 0.5)
     x = jax.random.normal(jax.random.key(1), (2, 5))
-    blob = flax.serialization.msgpack_serialize(
-        {"params": params, "mask": {"kernel": masks["kernel"]}})
+    blob = flax.serialization.msgpack_serialize({"params": params, "mask": {"kernel": masks["kernel"]}})
     restored = flax.serialization.msgpack_restore(blob)
     m2 = {"kernel": jnp.asarray(restored["mask"]["kernel"]), "bias": None}
     p2 = jax.tree.map(jnp.asarray, restored["params"])
     assert m2["kernel"].dtype == jnp.bool_
-    np.testing.assert_array_equal(effective_apply(model, p2, m2, x),
-                                  effective_apply(model, params, masks, x))
+    np.testing.assert_array_equal(effective_apply(model, p2, m2, x), effective_apply(model, params, masks, x))
     p3, m3 = pickle.loads(pickle.dumps((params, masks)))
     jax.tree.map(np.testing.assert_array_equal, p3, params)
     np.testing.assert_array_equal(m3["kernel"], masks["kernel"])
@@ -505,8 +520,7 @@ def test_pruning_serialization_state_dict():
     assert set(loaded) == {"kernel", "bias"}
     jax.tree.map(np.testing.assert_array_equal, loaded, removed)
     x = jnp.ones((1, 5))
-    np.testing.assert_array_equal(model.apply({"params": loaded}, x),
-                                  model.apply({"params": removed}, x))
+    np.testing.assert_array_equal(model.apply({"params": loaded}, x), model.apply({"params": removed}, x))
 
 
 # 31
@@ -527,10 +541,14 @@ def test_prune_importance_scores():
     t = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.float32)
     default = np.array([[1, 1, 1, 0], [1, 1, 0, 1]])
     s = np.array([[1, 5, 6, 3], [2, 7, 4, 8]], np.float32)
-    want = tprune.L1Unstructured(amount=2).prune(
-        torch.tensor(t), torch.tensor(default), importance_scores=torch.tensor(s)).numpy()
-    m = jp.l1_unstructured(jnp.asarray(t), 2, masks=jnp.asarray(default, bool),
-                           importance_scores=jnp.asarray(s))
+    want = (
+        tprune.L1Unstructured(amount=2)
+        .prune(torch.tensor(t), torch.tensor(default), importance_scores=torch.tensor(s))
+        .numpy()
+    )
+    m = jp.l1_unstructured(
+        jnp.asarray(t), 2, masks=jnp.asarray(default, bool), importance_scores=jnp.asarray(s)
+    )
     got = jp.apply_masks(jnp.asarray(t), m)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, t * np.array([[0, 1, 1, 0], [0, 1, 0, 1]]))
@@ -541,14 +559,17 @@ def test_prune_importance_scores_mimic_default():
     t = jnp.asarray(tie_free(np.random.default_rng(0), (4, 5)))
     default = jax.random.bernoulli(jax.random.key(2), 0.7, (4, 5))
     for amount in (2, 0.5):
-        np.testing.assert_array_equal(jp.l1_unstructured(t, amount, importance_scores=t),
-                                      jp.l1_unstructured(t, amount))
+        np.testing.assert_array_equal(
+            jp.l1_unstructured(t, amount, importance_scores=t), jp.l1_unstructured(t, amount)
+        )
         # with masks the default scores are t * mask
         np.testing.assert_array_equal(
             jp.l1_unstructured(t, amount, masks=default, importance_scores=t * default),
-            jp.l1_unstructured(t, amount, masks=default))
-        np.testing.assert_array_equal(jp.ln_structured(t, amount, 2, 0, importance_scores=t),
-                                      jp.ln_structured(t, amount, 2, 0))
+            jp.l1_unstructured(t, amount, masks=default),
+        )
+        np.testing.assert_array_equal(
+            jp.ln_structured(t, amount, 2, 0, importance_scores=t), jp.ln_structured(t, amount, 2, 0)
+        )
 
 
 # 34

@@ -20,8 +20,9 @@ import jprune as jp
 SHAPES = [(12,), (4, 6), (3, 4, 5), (2, 3, 2, 4)]
 ND = [s for s in SHAPES if len(s) >= 2]
 NORMS = [1, 2, 3, 0.5, math.inf, "fro"]
-SETTINGS = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
 
 
 def amounts(max_int):
@@ -49,8 +50,7 @@ def test_l1_matches_torch(shape, seed, data):
 
 
 @SETTINGS
-@given(shape=st.sampled_from(ND), seed=st.integers(0, 2**32 - 1), n=st.sampled_from(NORMS),
-       data=st.data())
+@given(shape=st.sampled_from(ND), seed=st.integers(0, 2**32 - 1), n=st.sampled_from(NORMS), data=st.data())
 def test_ln_matches_torch(shape, seed, n, data):
     dim = data.draw(st.integers(-len(shape), len(shape) - 1))
     assume(not (n == "fro" and len(shape) > 3))
@@ -61,8 +61,11 @@ def test_ln_matches_torch(shape, seed, n, data):
 
 
 @SETTINGS
-@given(shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3),
-       seed=st.integers(0, 2**32 - 1), data=st.data())
+@given(
+    shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
 def test_global_matches_torch(shapes, seed, data):
     total = sum(math.prod(s) for s in shapes)
     amount = data.draw(amounts(total))
@@ -77,14 +80,18 @@ def steps_for(shape):
     glob = st.tuples(st.just("global"), st.one_of(st.integers(0, 6), st.floats(0, 1)))
     if ndim < 2:
         return st.one_of(l1, glob)
-    ln = st.tuples(st.just("ln"), st.one_of(st.integers(0, 2), st.floats(0, 1)),
-                   st.sampled_from(NORMS if ndim <= 3 else NORMS[:-1]),
-                   st.integers(-ndim, ndim - 1))
+    ln = st.tuples(
+        st.just("ln"),
+        st.one_of(st.integers(0, 2), st.floats(0, 1)),
+        st.sampled_from(NORMS if ndim <= 3 else NORMS[:-1]),
+        st.integers(-ndim, ndim - 1),
+    )
     return st.one_of(l1, glob, ln)
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
 @given(shape=st.sampled_from([(4, 6), (3, 4, 5)]), seed=st.integers(0, 2**32 - 1), data=st.data())
 def test_sequences_match_torch(shape, seed, data):
     """Unstructured, structured (any dim, several norms) and global steps, interleaved, on two leaves."""
@@ -99,8 +106,9 @@ def test_sequences_match_torch(shape, seed, data):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**32 - 1), frac=st.floats(0, 1),
-       frac2=st.floats(0, 1))
+@given(
+    shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**32 - 1), frac=st.floats(0, 1), frac2=st.floats(0, 1)
+)
 def test_l1_tie_invariants(shape, seed, frac, frac2):
     """Small integers (many ties): exact counts, pruned |x| <= kept |x|, pruned stays pruned."""
     rng = np.random.default_rng(seed)
@@ -120,8 +128,7 @@ def test_l1_tie_invariants(shape, seed, frac, frac2):
 
 
 @settings(max_examples=12, deadline=None)
-@given(shape=st.sampled_from(ND), seed=st.integers(0, 2**32 - 1), frac=st.floats(0, 1),
-       data=st.data())
+@given(shape=st.sampled_from(ND), seed=st.integers(0, 2**32 - 1), frac=st.floats(0, 1), data=st.data())
 def test_structured_tie_invariants(shape, seed, frac, data):
     """Ln and random structured prune whole channels, exactly round(frac * remaining) of them."""
     ndim = len(shape)
@@ -131,8 +138,10 @@ def test_structured_tie_invariants(shape, seed, frac, data):
     w = jnp.asarray(np.random.default_rng(seed).integers(-2, 3, shape).astype(np.float32))
     first = jp.ln_structured(w, 0.5, 1, other)  # prune along another axis first
     live = np.asarray(first).any(axis=others)
-    for m in (jp.ln_structured(w, frac, 2, axis, masks=first),
-              jp.random_structured(w, frac, axis, masks=first, key=jax.random.key(seed % 1000))):
+    for m in (
+        jp.ln_structured(w, frac, 2, axis, masks=first),
+        jp.random_structured(w, frac, axis, masks=first, key=jax.random.key(seed % 1000)),
+    ):
         m = np.asarray(m)
         assert not np.any(m & ~np.asarray(first))
         new_dead = live & ~m.any(axis=others)

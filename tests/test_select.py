@@ -29,12 +29,23 @@ def reference(keys_list, k):
     return out
 
 
-_JITTED = {m: jax.jit(lambda ks, k, m=m: _select.smallest(ks, k, method=m)) for m in METHODS}
+def selected(keys_list, k, method, jit=True):
+    """The entries ``prune_smallest`` chooses: candidates (key < SENTINEL) that it does not keep."""
+    sources = lambda ks: [(_select.given, (x,)) for x in ks]  # noqa: E731
+
+    def f(ks, k):
+        keeps = _select.prune_smallest(sources(ks), k, method=method)
+        return [(x != jnp.uint32(_select.SENTINEL)) & ~keep for x, keep in zip(ks, keeps)]
+
+    return f(keys_list, k) if not jit else _JITTED[method](keys_list, k)
 
 
-def run(keys_list, k, method):
-    f = _JITTED[method]
-    return [np.asarray(m) for m in f([jnp.asarray(x, jnp.uint32) for x in keys_list], jnp.int32(k))]
+_JITTED = {m: jax.jit(lambda ks, k, m=m: selected(ks, k, m, jit=False)) for m in METHODS}
+
+
+def run(keys_list, k, method, jit=True):
+    got = selected([jnp.asarray(x, jnp.uint32) for x in keys_list], jnp.int32(k), method, jit)
+    return [np.asarray(m) for m in got]
 
 
 def padded(values, size):
@@ -60,8 +71,10 @@ def test_smallest_keys_sharing_the_high_digit(method):
     """Keys that differ only in their low 16 bits (one histogram bucket), and across buckets."""
     rng = np.random.default_rng(3)
     base = np.uint32(0x3F80_0000)
-    keys = [(base + rng.permutation(300)).astype(np.uint32).reshape(20, 15),
-            (base + 0x10000 + rng.integers(0, 3, 40)).astype(np.uint32)]
+    keys = [
+        (base + rng.permutation(300)).astype(np.uint32).reshape(20, 15),
+        (base + 0x10000 + rng.integers(0, 3, 40)).astype(np.uint32),
+    ]
     for k in (0, 1, 150, 299, 300, 301, 340):
         for g, w in zip(run(keys, k, method), reference(keys, k)):
             np.testing.assert_array_equal(g, w)
@@ -114,11 +127,26 @@ def test_abs_keys_bf16_and_f16_ties():
 
 
 def test_too_many_entries_error_is_static():
-    class Fake:
-        size = _select.SENTINEL
-
+    big = jax.ShapeDtypeStruct((_select.SENTINEL,), jnp.uint32)
     with pytest.raises(ValueError, match="at most"):
-        _select.smallest([Fake()], jnp.int32(1))
+        _select.prune_smallest([(_select.given, (big,))], 1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_eager_and_jit_agree(method):
+    """Called eagerly the passes are separate dispatches (and a concrete cond is a plain if)."""
+    rng = np.random.default_rng(9)
+    keys = [rng.integers(0, 5, (7, 3)).astype(np.uint32), rng.integers(0, 5, (9,)).astype(np.uint32)]
+    for k in (0, 4, 17, 30):
+        eager = run(keys, k, method, jit=False)
+        for e, j, w in zip(eager, run(keys, k, method), reference(keys, k)):
+            np.testing.assert_array_equal(e, w)
+            np.testing.assert_array_equal(j, w)
+
+
+def test_bad_method():
+    with pytest.raises(ValueError, match="method must be"):
+        _select.use_histogram(10, "radix")
 
 
 @settings(max_examples=40, deadline=None)
