@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._tree import path_str
+from . import _amount
+from ._tree import Tree, path_str
+from ._unstructured import global_unstructured, l1_unstructured
 
 __all__ = [
     "KeepPrunedState",
@@ -356,17 +358,16 @@ def polynomial_sparsity(
 # Pruning to a target sparsity inside a train step.
 
 
-def _intersect(new: Any, old: Any) -> Any:
-    """Combines two mask pytrees: pruned in either one -> pruned; None means all kept."""
+def _target_count(sparsity: Any, n: int) -> jax.Array:
+    """``round(sparsity * n)`` as an int32 device scalar (Python's rounding, no host sync)."""
+    if isinstance(sparsity, jax.Array):
+        return _amount.count_traced(sparsity, n)
+    _check_fraction("sparsity", sparsity)
+    return _amount.count_traced(_amount.as_device_amount(float(sparsity)), n)
 
-    def both(n, o):
-        if n is None:
-            return o
-        if o is None:
-            return n
-        return jnp.logical_and(n, o)
 
-    return jax.tree.map(both, new, old, is_leaf=_is_none)
+def _pruned_count(masks: list) -> jax.Array:
+    return sum((jnp.sum(~m, dtype=jnp.int32) for m in masks if m is not None), jnp.int32(0))
 
 
 def prune_to_sparsity(
@@ -379,13 +380,16 @@ def prune_to_sparsity(
 ) -> Any:
     """Prunes further by magnitude until ``sparsity`` of the selected weights are pruned.
 
-    Magnitudes are taken from the effective weights (``params`` masked by ``masks``), so already
-    pruned weights (0) are chosen first and stay pruned; the result is combined with ``masks``.
-    ``sparsity`` may be a traced scalar: calls inside ``jax.jit`` do not recompile when it changes.
+    Exactly ``round(sparsity * n)`` of the ``n`` selected entries end up pruned (or more, if
+    ``masks`` already prunes more: a pruned weight never comes back). The new ones are the
+    smallest ``|param|`` among the remaining entries, torch's iterative (container) rule with an
+    integer amount. ``sparsity`` may be a traced scalar: calls inside ``jax.jit`` do not recompile
+    when it changes.
 
     Args:
       params: the parameter pytree.
-      sparsity: the target fraction of pruned weights, a float in [0, 1] or a traced scalar.
+      sparsity: the target fraction of pruned weights, a float in [0, 1] or a traced scalar
+        (clipped to [0, 1]).
       masks: the current masks (None: nothing pruned yet).
       scope: ``"global"`` ranks all selected weights together (``jp.global_unstructured``);
         ``"layer"`` prunes each selected leaf to ``sparsity`` (``jp.l1_unstructured``).
@@ -396,7 +400,8 @@ def prune_to_sparsity(
       The new masks.
 
     Raises:
-      ValueError: if ``scope`` is neither ``"global"`` nor ``"layer"``.
+      ValueError: if ``scope`` is neither ``"global"`` nor ``"layer"``, or a concrete ``sparsity``
+        is outside [0, 1].
 
     Examples:
       >>> import jax.numpy as jnp
@@ -404,17 +409,22 @@ def prune_to_sparsity(
       >>> masks = prune_to_sparsity(params, 0.5)
       >>> masks["a"].tolist(), masks["b"].tolist()
       ([[False, True], [True, False]], [[False, True]])
+      >>> int((~prune_to_sparsity(params, 0.8, masks=masks)["b"]).sum())  # 5 of 6 now
+      2
     """
-    import jprune  # the core methods; imported here because jprune/__init__ imports this module
-
     if scope not in ("global", "layer"):
         raise ValueError(f'scope must be "global" or "layer", got {scope!r}')
-    scores = params if masks is None else jprune.apply_masks(params, masks)
+    tree = Tree(params, masks)
+    idx = tree.select(select)
     if scope == "global":
-        new = jprune.global_unstructured(scores, sparsity, select=select)
-    else:
-        new = jprune.l1_unstructured(scores, sparsity, select=select)
-    return new if masks is None else _intersect(new, masks)
+        n = sum(tree.values[i].size for i in idx)
+        k = _target_count(sparsity, n) - _pruned_count([tree.masks[i] for i in idx])
+        return global_unstructured(params, jnp.maximum(k, 0), masks=masks, select=select)
+    for i in idx:  # leaf by leaf: each gets its own count
+        k = _target_count(sparsity, tree.values[i].size) - _pruned_count([tree.masks[i]])
+        only = lambda p, _, path=tree.paths[i]: p == path  # noqa: E731
+        masks = l1_unstructured(params, jnp.maximum(k, 0), masks=masks, select=only)
+    return masks
 
 
 def update_masks(

@@ -51,6 +51,18 @@ def test_prune_to_sparsity_ranks_by_effective_weights():
     assert np.asarray(new["w"]).tolist() == [[False, False, True, True, True]]
 
 
+def test_prune_to_sparsity_exact_count_with_zero_weights_left():
+    # Kept weights that are exactly 0 tie with the pruned ones; the count stays exact anyway.
+    w = {"w": jnp.array([[0.0, 0.0, 3.0, 4.0, 5.0]])}
+    masks = {"w": jnp.array([[True, True, False, True, True]])}
+    new = jp.prune_to_sparsity(w, 0.4, masks=masks)
+    assert np.asarray(new["w"]).tolist() == [[False, True, False, True, True]]
+    # A target below what is already pruned prunes nothing more (nothing comes back).
+    assert np.asarray(jp.prune_to_sparsity(w, 0.0, masks=new)["w"]).tolist() == np.asarray(new["w"]).tolist()
+    with pytest.raises(ValueError, match="sparsity must be a fraction"):
+        jp.prune_to_sparsity(w, 1.5)
+
+
 def test_prune_to_sparsity_per_layer():
     params = _params()
     masks = jp.prune_to_sparsity(params, 0.25, scope="layer")
