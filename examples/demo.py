@@ -44,6 +44,7 @@ def banner(text: str) -> None:
 def train(params, masks, step_fn, tx, data, *, epochs, batch_size, key, desc, quiet):
     """Runs ``epochs`` of ``step_fn`` from a fresh optimizer state with ``masks``."""
     x_tr, y_tr = data
+    params = jp.apply_masks(params, masks)  # pruned weights start at 0; keep_pruned holds them there
     opt_state = jp.set_masks(tx.init(params), masks)
     steps_per_epoch = len(x_tr) // batch_size
     step = 0

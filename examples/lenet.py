@@ -222,23 +222,24 @@ def accuracy(params, masks, x, y) -> float:
 def make_train_step(tx, schedule=None, *, frequency=1, scope="global"):
     """A jitted Linen train step ``(params, opt_state, step, x, y) -> (params, opt_state, loss)``.
 
-    The forward pass uses ``params * masks`` (masks from the optimizer state); ``tx`` must contain
-    ``jp.keep_pruned``. With a ``schedule`` the masks are re-pruned every ``frequency`` steps inside
-    the step (traced sparsity: one compile for the whole run).
+    ``tx`` must contain ``jp.keep_pruned``, and the params must start at 0 where pruned
+    (``jp.apply_masks(params, masks)`` once): the wrapper then holds them at exactly 0, so the
+    forward pass uses the params as they are, with no per-step masking. With a ``schedule`` the
+    masks are re-pruned every ``frequency`` steps inside the step (``jp.update_masks`` zeroes the
+    newly pruned params; traced sparsity: one compile for the whole run).
     """
 
-    def loss_fn(params, masks, x, y):
-        logits = LeNet().apply({"params": jp.apply_masks(params, masks)}, x)
-        return cross_entropy(logits, y)
+    def loss_fn(params, x, y):
+        return cross_entropy(LeNet().apply({"params": params}, x), y)
 
     @jax.jit
     def train_step(params, opt_state, step, x, y):
-        masks = jp.get_masks(opt_state)
-        loss, grads = jax.value_and_grad(loss_fn)(params, masks, x, y)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if schedule is not None:
-            masks = jp.update_masks(params, masks, step, schedule, frequency=frequency, scope=scope)
+            masks = jp.get_masks(opt_state)
+            params, masks = jp.update_masks(params, masks, step, schedule, frequency=frequency, scope=scope)
             opt_state = jp.set_masks(opt_state, masks)
         return params, opt_state, loss
 

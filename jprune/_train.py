@@ -436,13 +436,17 @@ def update_masks(
     frequency: int = 1,
     scope: str = "global",
     select: Any = None,
-) -> Any:
-    """Re-prunes to ``schedule(step)`` every ``frequency`` steps; otherwise returns ``masks``.
+) -> tuple[Any, Any]:
+    """Re-prunes to ``schedule(step)`` every ``frequency`` steps; returns ``(params, masks)``.
 
-    Meant to run inside a jitted train step: ``step`` may be traced, the pruning runs under
-    ``jax.lax.cond`` so steps in between cost nothing, and the result has the structure of
-    ``masks`` so the step compiles once. ``masks`` must hold an array (e.g. all True, from
-    ``jp.identity``) on every leaf ``select`` picks.
+    Meant to run inside a jitted train step, after the optimizer update: ``step`` may be traced,
+    the pruning runs under ``jax.lax.cond`` so the steps in between cost nothing, and the result
+    has the structure of the inputs so the step compiles once. ``masks`` must hold an array (e.g.
+    all True, from ``jp.identity``) on every leaf ``select`` picks.
+
+    The returned params are zero where pruned (newly pruned entries are zeroed on pruning steps).
+    With :func:`keep_pruned` holding them there, the forward pass can use the params directly:
+    no per-step ``apply_masks``. Pass the new masks on with :func:`set_masks`.
 
     Args:
       params: the parameter pytree.
@@ -454,7 +458,7 @@ def update_masks(
       select: which leaves to prune, as in :func:`prune_to_sparsity`.
 
     Returns:
-      The masks to use from this step on.
+      ``(params, masks)`` to use from this step on.
 
     Raises:
       ValueError: if ``frequency < 1``, or a selected leaf has a ``None`` mask.
@@ -465,20 +469,27 @@ def update_masks(
       >>> masks = {"w": jnp.ones((2, 5), bool)}
       >>> schedule = polynomial_sparsity(0.8, begin_step=0, end_step=10, frequency=5)
       >>> step_fn = jax.jit(lambda p, m, t: update_masks(p, m, t, schedule, frequency=5))
-      >>> [int((~step_fn(params, masks, t)["w"]).sum()) for t in (0, 3, 5, 10)]
+      >>> [int((~step_fn(params, masks, t)[1]["w"]).sum()) for t in (0, 3, 5, 10)]
       [0, 0, 7, 8]
+      >>> step_fn(params, masks, 5)[0]["w"]
+      Array([[ 0.,  0.,  0.,  0.,  0.],
+             [ 0.,  0.,  8.,  9., 10.]], dtype=float32)
     """
     if frequency < 1:
         raise ValueError(f"frequency must be an integer >= 1, got {frequency}")
     old_def = jax.tree.structure(masks)
 
-    def recompute(_):
+    def recompute(operands):
+        params, masks = operands
         new = prune_to_sparsity(params, schedule(step), masks=masks, scope=scope, select=select)
         if jax.tree.structure(new) != old_def:
             raise ValueError(
                 "update_masks needs a mask array (not None) on every leaf it prunes, so the "
                 "train step keeps one compiled program; start from jp.identity(params, select=...)"
             )
-        return new
+        zeroed = jax.tree.map(
+            lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)), params, new
+        )
+        return zeroed, new
 
-    return jax.lax.cond(jnp.asarray(step) % frequency == 0, recompute, lambda _: masks, None)
+    return jax.lax.cond(jnp.asarray(step) % frequency == 0, recompute, lambda ops: ops, (params, masks))

@@ -50,7 +50,7 @@ def test_nnx_finetune(capsys):
 def test_bench_train_smoke(capsys):
     sys.path.insert(0, os.path.join(EXAMPLES, os.pardir, "bench"))
     _run("bench_train", ["--smoke"])
-    assert "wrapper-only" in capsys.readouterr().out
+    assert "keep-pruned" in capsys.readouterr().out
 
 
 def test_load_mnist_reads_idx_files(tmp_path):

@@ -107,12 +107,17 @@ def test_update_masks_follows_the_schedule_every_frequency_steps():
     @jax.jit
     def step(params, masks, t):
         traces.append(None)
-        return jp.update_masks(params, masks, t, schedule, frequency=5)
+        return jp.update_masks(params, masks, t, schedule, frequency=5)[1]
 
     masks = jp.identity(params)
     seen = []
+    zeroed = jax.jit(lambda p, m, t: jp.update_masks(p, m, t, schedule, frequency=5))
+    p, m = params, masks
     for t in range(20):
         new = step(params, masks, jnp.int32(t))
+        p, m = zeroed(p, m, jnp.int32(t))
+        for k in ("a", "b"):  # the carried params are 0 wherever the masks prune
+            np.testing.assert_array_equal(np.asarray(p[k]["kernel"])[~np.asarray(m[k]["kernel"])], 0)
         pruned = _n_pruned(new["a"]["kernel"]) + _n_pruned(new["b"]["kernel"])
         if t % 5:
             assert pruned == seen[-1]  # masks only change on multiples of frequency
@@ -172,8 +177,8 @@ def test_linen_train_state_gradual_pruning_loop():
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         state = state.apply_gradients(grads=grads)
-        masks = jp.update_masks(state.params, masks, state.step, schedule, frequency=4)
-        return state.replace(opt_state=jp.set_masks(state.opt_state, masks)), loss
+        params, masks = jp.update_masks(state.params, masks, state.step, schedule, frequency=4)
+        return state.replace(params=params, opt_state=jp.set_masks(state.opt_state, masks)), loss
 
     losses = []
     for _ in range(30):
