@@ -36,8 +36,7 @@ def validate(amount) -> None:
         not isinstance(amount, numbers.Integral) and (float(amount) > 1.0 or float(amount) < 0.0)
     ):
         raise ValueError(
-            f"amount={amount} should either be a float in the range [0, 1] "
-            "or a non-negative integer"
+            f"amount={amount} should either be a float in the range [0, 1] or a non-negative integer"
         )
 
 
@@ -157,9 +156,7 @@ def count_traced(amount, n):
     b_hi, b_lo = _mul_u32(m_hi.astype(_U), n.astype(_U))
     p1 = a_hi + b_lo
     p = [a_lo, p1, b_hi + (p1 < a_hi).astype(_U)]  # m * n, below 2**85
-    length = jnp.where(
-        p[2] > 0, 64 + _bitlen(p[2]), jnp.where(p[1] > 0, 32 + _bitlen(p[1]), _bitlen(p[0]))
-    )
+    length = jnp.where(p[2] > 0, 64 + _bitlen(p[2]), jnp.where(p[1] > 0, 32 + _bitlen(p[1]), _bitlen(p[0])))
     r = jnp.maximum(length - 53, 0)
     q = _round_shift(p, r)  # the product as a double: 53 significant bits, times 2**(r - s)
     k = _round_shift(q, jnp.clip(s - r, 0, 95))[0]

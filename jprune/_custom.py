@@ -63,8 +63,7 @@ def custom_from_mask(params, mask, *, masks=None):
             continue
         if jnp.shape(m) != v.shape:
             raise ShapeError(
-                f"mask at {path!r}: default_mask shape {v.shape} "
-                f"must match mask shape {jnp.shape(m)}"
+                f"mask at {path!r}: default_mask shape {v.shape} must match mask shape {jnp.shape(m)}"
             )
         if not is_tracer(m) and not np.isin(np.asarray(m), (0, 1)).all():
             raise ValueError(f"mask at {path!r} has values other than 0 and 1")

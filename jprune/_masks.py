@@ -137,6 +137,4 @@ def sparsity(masks, params=None) -> SparsityReport:
         tree = Tree(params, masks)
         items = [(p, m, v.size) for p, v, m in zip(tree.paths, tree.values, tree.masks)]
     counts = jax.device_get([np.size(m) - m.sum() if m is not None else 0 for _, m, _ in items])
-    return SparsityReport(
-        tuple(Row(p, int(np.asarray(c)), int(n)) for (p, _, n), c in zip(items, counts))
-    )
+    return SparsityReport(tuple(Row(p, int(np.asarray(c)), int(n)) for (p, _, n), c in zip(items, counts)))

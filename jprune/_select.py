@@ -150,9 +150,7 @@ def prune_smallest(sources, k, *, method: str = "auto"):
     sizes = [math.prod(jnp.shape(a[0])) for _, a in sources]
     total = sum(sizes)
     if total >= SENTINEL:
-        raise ValueError(
-            f"Cannot select among {total} entries: at most {SENTINEL - 1} are supported."
-        )
+        raise ValueError(f"Cannot select among {total} entries: at most {SENTINEL - 1} are supported.")
     hist = use_histogram(total, method)
     offsets = [jnp.uint32(sum(sizes[:i])) for i in range(len(sizes))]
     k = jnp.asarray(k, jnp.int32)

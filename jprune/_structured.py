@@ -14,7 +14,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import _amount, _select
 from ._tree import Tree, effective
@@ -86,6 +85,12 @@ def expand(channels, shape, axis):
     return jnp.broadcast_to(channels.reshape(view), shape)
 
 
+@partial(jax.jit, static_argnames="axes")
+def live_channels(masks, *, axes):
+    """Number of remaining channels of each mask (None: not counted here)."""
+    return [None if m is None else jnp.sum(channel_mask(m, a), dtype=jnp.int32) for m, a in zip(masks, axes)]
+
+
 @partial(jax.jit, static_argnames=("axes", "n", "kind", "from_amount"))
 def _prune(values, masks, scores, rngs, k, *, axes, n, kind, from_amount):
     out = []
@@ -125,16 +130,8 @@ def run(tree: Tree, idx, amount, axis, *, kind, n=None, key=None):
     if from_amount:
         k = amount if _amount.is_traced(amount) else _amount.as_device_amount(amount)
     else:
-        sizes = [tree.values[i].shape[a] for i, a in zip(idx, axes)]
-        if any(m is not None for m in masks):
-            sizes = np.asarray(
-                jax.jit(
-                    lambda ms: [
-                        s if m is None else jnp.sum(channel_mask(m, a), dtype=jnp.int32)
-                        for m, s, a in zip(ms, sizes, axes)
-                    ]
-                )(masks)
-            )
+        live = jax.device_get(live_channels(masks, axes=axes))
+        sizes = [tree.values[i].shape[a] if n is None else n for i, a, n in zip(idx, axes, live)]
         ks = []
         for i, c in zip(idx, sizes):
             try:

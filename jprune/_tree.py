@@ -76,9 +76,7 @@ class Tree:
             if self.treedef.num_nodes == 1:  # a bare array: prune it
                 return [0]
             idx = [
-                i
-                for i, v in enumerate(self.values)
-                if v.ndim >= 2 and jnp.issubdtype(v.dtype, jnp.floating)
+                i for i, v in enumerate(self.values) if v.ndim >= 2 and jnp.issubdtype(v.dtype, jnp.floating)
             ]
             what = "the default selection (floating leaves with ndim >= 2)"
         elif callable(select):
@@ -90,11 +88,7 @@ class Tree:
                 raise TypeError(
                     f"select must be a path, a glob, a list of them or a predicate, got {select!r}"
                 )
-            idx = [
-                i
-                for i, p in enumerate(self.paths)
-                if any(fnmatch.fnmatchcase(p, s) for s in patterns)
-            ]
+            idx = [i for i, p in enumerate(self.paths) if any(fnmatch.fnmatchcase(p, s) for s in patterns)]
             what = f"select={select!r}"
         if not idx:
             raise ValueError(f"{what} matches no leaf; the paths are {self.paths}")

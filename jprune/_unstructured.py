@@ -7,6 +7,7 @@ A call prunes ``k`` of the *remaining* entries (``mask == True``) of each select
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -40,10 +41,12 @@ def candidate_keys(keys, mask):
     return keys if mask is None else jnp.where(mask, keys, jnp.uint32(_select.SENTINEL))
 
 
-@partial(jax.jit, static_argnames="shape")
-def random_keys(key, shape):
-    """Uniform random 31-bit keys: pruning the k smallest prunes a uniform random k-subset."""
-    return jax.random.bits(key, shape, jnp.uint32) >> 1
+@partial(jax.jit, static_argnames="shapes")
+def random_keys(key, shapes):
+    """Uniform random 31-bit keys, one split of ``key`` per shape: pruning the k smallest keys prunes
+    a uniform random k-subset."""
+    keys = jax.random.split(key, len(shapes))
+    return [jax.random.bits(k, shape, jnp.uint32) >> 1 for k, shape in zip(keys, shapes)]
 
 
 @jax.jit
@@ -83,18 +86,42 @@ def run(tree: Tree, idx, amount, *, kind: str, joint: bool, key=None, method: st
         raise TypeError("random pruning needs an explicit PRNG key: pass key=jax.random.key(0)")
     k = counts(tree, idx, amount, joint=joint)
     if kind == "random":
-        keys = jax.random.split(key, len(idx))
-        sources = [
-            (candidate_keys, (random_keys(keys[j], tree.values[i].shape), tree.masks[i]))
-            for j, i in enumerate(idx)
-        ]
+        bits = random_keys(key, tuple(tree.values[i].shape for i in idx))
+        sources = [(candidate_keys, (b, tree.masks[i])) for b, i in zip(bits, idx)]
     else:
         sources = [(l1_keys, (tree.values[i], tree.masks[i], tree.scores[i])) for i in idx]
+    return tree.with_masks(dict(zip(idx, prune(sources, k, joint=joint, method=method))))
+
+
+@partial(jax.jit, static_argnames=("keyfns", "joint", "method"))
+def _prune_at_once(keyfns, args, k, *, joint, method):
+    sources = list(zip(keyfns, args))
     if joint:
-        new = _select.prune_smallest(sources, k, method=method)
-    else:
-        new = [_select.prune_smallest([s], ki, method=method)[0] for s, ki in zip(sources, k)]
-    return tree.with_masks(dict(zip(idx, new)))
+        return _select.prune_smallest(sources, k, method=method)
+    return [_select.prune_smallest([s], ki, method=method)[0] for s, ki in zip(sources, k)]
+
+
+def prune(sources, k, *, joint, method="auto"):
+    """Keep masks for the sources: ``k`` pruned per source, or across all of them (``joint``).
+
+    Sources that select by histograms run as separate passes (fast on XLA:CPU, see ``_select``);
+    the others, small or sorted, run as one jitted program: one compilation instead of several.
+    """
+    sizes = [math.prod(jnp.shape(args[0])) for _, args in sources]
+    if joint:
+        if _select.use_histogram(sum(sizes), method):
+            return _select.prune_smallest(sources, k, method=method)
+        return _prune_at_once(
+            tuple(f for f, _ in sources), [a for _, a in sources], k, joint=True, method=method
+        )
+    staged = {j for j, n in enumerate(sizes) if _select.use_histogram(n, method)}
+    out = {j: _select.prune_smallest([sources[j]], k[j], method=method)[0] for j in staged}
+    rest = [j for j in range(len(sources)) if j not in staged]
+    if rest:
+        fns, args = tuple(sources[j][0] for j in rest), [sources[j][1] for j in rest]
+        ks = jnp.asarray([k[j] for j in rest], jnp.int32)
+        out.update(zip(rest, _prune_at_once(fns, args, ks, joint=False, method=method)))
+    return [out[j] for j in range(len(sources))]
 
 
 def l1_unstructured(params, amount, *, masks=None, importance_scores=None, select=None):
