@@ -118,9 +118,7 @@ def main():
         base = best["torch.load"][0]
         print(f"{'step':<24}{'seconds':>9}{'x load':>8}{'peak MiB':>10}{'x file':>8}")
         for name, (dt, grown) in best.items():
-            print(
-                f"{name:<24}{dt:>9.3f}{dt / base:>8.2f}{grown / 2**20:>10.0f}{grown / size:>8.2f}"
-            )
+            print(f"{name:<24}{dt:>9.3f}{dt / base:>8.2f}{grown / 2**20:>10.0f}{grown / size:>8.2f}")
         t_ratio = best["from_torch(path)"][0] / base
         m_ratio = best["from_torch(path)"][1] / size
         print(

@@ -100,9 +100,7 @@ def main():
     torch_reset()
     torch_global()
     masks = jp.global_unstructured(params, args.amount)
-    ours = np.concatenate(
-        [np.asarray(masks[f"dense_{i}"]["kernel"]).T.ravel() for i in range(len(layers))]
-    )
+    ours = np.concatenate([np.asarray(masks[f"dense_{i}"]["kernel"]).T.ravel() for i in range(len(layers))])
     theirs = np.concatenate([layer.weight_mask.numpy().ravel() != 0 for layer in layers])
     w = np.abs(np.concatenate([x.ravel() for x in weights]))
     threshold = w[~ours].max()

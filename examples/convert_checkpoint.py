@@ -86,9 +86,7 @@ def main(argv=None):
     print("\n4. jprune: prune 80% of fc1's remaining weights, convert back to torch")
     masks = jp.l1_unstructured(ckpt["params"], 0.8, masks=ckpt["masks"], select="fc1/kernel")
     ckpt = {**ckpt, "masks": masks}
-    flax_logits = np.asarray(
-        lenet.LeNet().apply({"params": jp.apply_masks(ckpt["params"], masks)}, images)
-    )
+    flax_logits = np.asarray(lenet.LeNet().apply({"params": jp.apply_masks(ckpt["params"], masks)}, images))
     flax_back, pt_back = (
         os.path.join(args.out, "lenet_more.msgpack"),
         os.path.join(args.out, "lenet_more.pt"),

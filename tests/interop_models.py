@@ -40,12 +40,8 @@ class FlaxLeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.max_pool(
-            nn.relu(nn.Conv(6, (3, 3), padding="VALID", name="conv1")(x)), (2, 2), (2, 2)
-        )
-        x = nn.max_pool(
-            nn.relu(nn.Conv(16, (3, 3), padding="VALID", name="conv2")(x)), (2, 2), (2, 2)
-        )
+        x = nn.max_pool(nn.relu(nn.Conv(6, (3, 3), padding="VALID", name="conv1")(x)), (2, 2), (2, 2))
+        x = nn.max_pool(nn.relu(nn.Conv(16, (3, 3), padding="VALID", name="conv2")(x)), (2, 2), (2, 2))
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # flatten like torch: C, H, W
         x = nn.relu(nn.Dense(120, name="fc1")(x))
         x = nn.relu(nn.Dense(84, name="fc2")(x))
@@ -105,9 +101,7 @@ class FlaxBNNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         def bn(name):
-            return nn.BatchNorm(
-                use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name
-            )
+            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
         x = nn.relu(bn("bn1")(nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), name="conv1")(x)))
         x = nn.relu(bn("bn2")(nn.Conv(8, (3, 3), padding="VALID", use_bias=False, name="conv2")(x)))
