@@ -147,19 +147,38 @@ def prune_smallest(sources, k, *, method: str = "auto"):
     Returns:
       One bool array per source: True for candidates (keys below ``SENTINEL``) not among the k.
     """
-    sizes = [math.prod(jnp.shape(a[0])) for _, a in sources]
-    total = sum(sizes)
-    if total >= SENTINEL:
-        raise ValueError(f"Cannot select among {total} entries: at most {SENTINEL - 1} are supported.")
-    hist = use_histogram(total, method)
-    offsets = [jnp.uint32(sum(sizes[:i])) for i in range(len(sizes))]
-    k = jnp.asarray(k, jnp.int32)
-    k1 = jnp.maximum(k, 1)
-    t, below, at = kth_smallest(sources, k1, hist)
-    take = k1 - below  # how many of the `at` entries tied at t are selected (1..at)
-    last = _cond(
-        take < at,
-        lambda: kth_smallest(sources, take, hist, [(t, off) for off in offsets])[0],
-        lambda: jnp.uint32(SENTINEL),
-    )
-    return [_keep(f, a, t, last, off, k) for (f, a), off in zip(sources, offsets)]
+    return prune_groups([sources], [k], method=method)[0]
+
+
+def prune_groups(groups, ks, *, method: str = "auto"):
+    """``prune_smallest`` for several independent groups of sources at once.
+
+    Eagerly, every group's passes are dispatched before the one host sync that decides which groups
+    have ties to break, so the device never waits on Python between groups.
+    """
+    plans = []
+    for sources, k in zip(groups, ks):
+        sizes = [math.prod(jnp.shape(a[0])) for _, a in sources]
+        if sum(sizes) >= SENTINEL:
+            raise ValueError(
+                f"Cannot select among {sum(sizes)} entries: at most {SENTINEL - 1} are supported."
+            )
+        hist = use_histogram(sum(sizes), method)
+        offsets = [jnp.uint32(sum(sizes[:i])) for i in range(len(sizes))]
+        k = jnp.asarray(k, jnp.int32)
+        k1 = jnp.maximum(k, 1)
+        t, below, at = kth_smallest(sources, k1, hist)
+        take = k1 - below  # how many of the `at` entries tied at t are selected (1..at)
+        plans.append((sources, hist, offsets, k, t, take, take < at))
+    ties = [p[-1] for p in plans]
+    if not any(isinstance(x, jax.core.Tracer) for x in ties):
+        ties = jax.device_get(ties)
+    out = []
+    for (sources, hist, offsets, k, t, take, _), tied in zip(plans, ties):
+        last = _cond(
+            tied,
+            lambda s=sources, h=hist, o=offsets, t=t, n=take: kth_smallest(s, n, h, [(t, x) for x in o])[0],
+            lambda: jnp.uint32(SENTINEL),
+        )
+        out.append([_keep(f, a, t, last, off, k) for (f, a), off in zip(sources, offsets)])
+    return out

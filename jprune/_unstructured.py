@@ -116,8 +116,9 @@ def prune(sources, k, *, joint, method="auto"):
         return _prune_at_once(
             tuple(f for f, _ in sources), [a for _, a in sources], k, joint=True, method=method
         )
-    staged = {j for j, n in enumerate(sizes) if _select.use_histogram(n, method)}
-    out = {j: _select.prune_smallest([sources[j]], k[j], method=method)[0] for j in staged}
+    staged = [j for j, n in enumerate(sizes) if _select.use_histogram(n, method)]
+    staged_masks = _select.prune_groups([[sources[j]] for j in staged], [k[j] for j in staged], method=method)
+    out = {j: m for j, (m,) in zip(staged, staged_masks)}
     rest = [j for j in range(len(sources)) if j not in staged]
     if rest:
         fns, args = tuple(sources[j][0] for j in rest), [sources[j][1] for j in rest]
