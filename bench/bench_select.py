@@ -73,6 +73,10 @@ def main():
         for layer in layers:
             tprune.l1_unstructured(layer, "weight", amount=args.amount)
 
+    def torch_ln():
+        for layer in layers:
+            tprune.ln_structured(layer, "weight", amount=args.amount, n=2, dim=0)
+
     # jprune: Flax kernels (in, out) in a params dict.
     params = {f"dense_{i}": {"kernel": jnp.asarray(w.T)} for i, w in enumerate(weights)}
     floor = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
@@ -88,7 +92,11 @@ def main():
         "jprune l1_unstructured (per tensor)": median_time(
             run(lambda: jp.l1_unstructured(params, args.amount)), args.repeat
         ),
+        "jprune ln_structured (per tensor)": median_time(
+            run(lambda: jp.ln_structured(params, args.amount, n=2, axis=-1)), args.repeat
+        ),
         "torch global_unstructured": median_time(torch_global, args.repeat, torch_reset),
+        "torch ln_structured (per tensor)": median_time(torch_ln, args.repeat, torch_reset),
     }
     if not args.skip_torch_per_tensor:
         results["torch l1_unstructured (per tensor)"] = median_time(
@@ -127,6 +135,9 @@ def main():
         print(f"  torch / jprune, per tensor:  {speedup:8.1f}x")
     print(f"  jprune / floor, global:      {g / f:8.1f}x")
     print(f"  jprune / floor, per tensor:  {p / f:8.1f}x")
+    ln = results["jprune ln_structured (per tensor)"]
+    print(f"  torch / jprune, ln_structured: {results['torch ln_structured (per tensor)'] / ln:6.1f}x")
+    print(f"  jprune / floor, ln_structured: {ln / f:6.1f}x")
 
 
 if __name__ == "__main__":

@@ -50,26 +50,27 @@ def check_norm(n, ndim, path):
 
 
 def channel_norms(t, n, axis):
-    """The Ln norm of each slice of ``t`` along ``axis`` (``torch.norm(t, p=n, dim=others)``)."""
-    t = jnp.moveaxis(t, axis, 0)
+    """The Ln norm of each slice of ``t`` along ``axis`` (``torch.norm(t, p=n, dim=others)``).
+
+    Reduces over the other axes in place (no transpose: one pass over ``t``).
+    """
+    t = t.astype(jnp.promote_types(t.dtype, jnp.float32))
     if n == "nuc":  # 3-D only: nuclear norm of each 2-D slice
-        return jnp.sum(
-            jnp.linalg.svd(t.astype(jnp.promote_types(t.dtype, jnp.float32)), compute_uv=False),
-            axis=-1,
-        )
-    x = jnp.abs(t.reshape(t.shape[0], -1).astype(jnp.promote_types(t.dtype, jnp.float32)))
+        return jnp.sum(jnp.linalg.svd(jnp.moveaxis(t, axis, 0), compute_uv=False), axis=-1)
+    others = tuple(d for d in range(t.ndim) if d != axis)
+    x = jnp.abs(t)
     p = 2.0 if n == "fro" else float(n)
     if p == math.inf:
-        return jnp.max(x, axis=1)
+        return jnp.max(x, axis=others)
     if p == -math.inf:
-        return jnp.min(x, axis=1)
+        return jnp.min(x, axis=others)
     if p == 0:
-        return jnp.sum(x != 0, axis=1).astype(x.dtype)
+        return jnp.sum(x != 0, axis=others).astype(x.dtype)
     if p == 1:
-        return jnp.sum(x, axis=1)
+        return jnp.sum(x, axis=others)
     if p == 2:
-        return jnp.sqrt(jnp.sum(x * x, axis=1))
-    return jnp.sum(x**p, axis=1) ** (1.0 / p)
+        return jnp.sqrt(jnp.sum(x * x, axis=others))
+    return jnp.sum(x**p, axis=others) ** (1.0 / p)
 
 
 def channel_mask(mask, axis):
