@@ -56,7 +56,7 @@ def custom_from_mask(params, mask, *, masks=None):
       Array([ True, False,  True, False], dtype=bool)
     """
     tree = Tree(params, masks)
-    given = tree._align(mask, "mask")
+    given = tree.align(mask, "mask")
     new = {}
     for i, (path, v, m) in enumerate(zip(tree.paths, tree.values, given)):
         if m is None:

@@ -46,8 +46,8 @@ class Tree:
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.paths = [path_str(p) for p, _ in flat]
         self.values = [jnp.asarray(v) if not is_tracer(v) else v for _, v in flat]
-        self.masks = self._align(masks, "masks")
-        self.scores = self._align(scores, scores_name)
+        self.masks = self.align(masks, "masks")
+        self.scores = self.align(scores, scores_name)
         for path, v, m in zip(self.paths, self.values, self.masks):
             if m is None:
                 continue
@@ -62,7 +62,8 @@ class Tree:
                     f"got {tuple(jnp.shape(s))} vs {v.shape}"
                 )
 
-    def _align(self, tree, name):
+    def align(self, tree, name):
+        """The leaves of ``tree`` (a pytree like params, None allowed) in params order."""
         if tree is None:
             return [None] * len(self.values)
         try:
