@@ -159,6 +159,9 @@ def prune_groups(groups, ks, *, method: str = "auto"):
     plans = []
     for sources, k in zip(groups, ks):
         sizes = [math.prod(jnp.shape(a[0])) for _, a in sources]
+        if sum(sizes) == 0:  # nothing to select from (k is 0)
+            plans.append(None)
+            continue
         if sum(sizes) >= SENTINEL:
             raise ValueError(
                 f"Cannot select among {sum(sizes)} entries: at most {SENTINEL - 1} are supported."
@@ -170,11 +173,15 @@ def prune_groups(groups, ks, *, method: str = "auto"):
         t, below, at = kth_smallest(sources, k1, hist)
         take = k1 - below  # how many of the `at` entries tied at t are selected (1..at)
         plans.append((sources, hist, offsets, k, t, take, take < at))
-    ties = [p[-1] for p in plans]
+    ties = [False if p is None else p[-1] for p in plans]
     if not any(isinstance(x, jax.core.Tracer) for x in ties):
         ties = jax.device_get(ties)
     out = []
-    for (sources, hist, offsets, k, t, take, _), tied in zip(plans, ties):
+    for plan, tied, sources in zip(plans, ties, groups):
+        if plan is None:
+            out.append([jnp.zeros(jnp.shape(a[0]), bool) for _, a in sources])
+            continue
+        sources, hist, offsets, k, t, take, _ = plan
         last = _cond(
             tied,
             lambda s=sources, h=hist, o=offsets, t=t, n=take: kth_smallest(s, n, h, [(t, x) for x in o])[0],
