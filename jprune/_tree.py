@@ -45,7 +45,7 @@ class Tree:
     def __init__(self, params, masks=None, scores=None, *, scores_name="importance_scores"):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.paths = [path_str(p) for p, _ in flat]
-        self.values = [jnp.asarray(v) if not is_tracer(v) else v for _, v in flat]
+        self.values = [v if isinstance(v, jax.Array) else jnp.asarray(v) for _, v in flat]
         self.masks = self.align(masks, "masks")
         self.scores = self.align(scores, scores_name)
         for path, v, m in zip(self.paths, self.values, self.masks):

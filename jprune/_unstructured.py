@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _amount, _select
+from . import _amount, _cpu, _select
 from ._tree import Tree, effective
 
 
@@ -64,7 +64,8 @@ def counts(tree: Tree, idx, amount, *, joint: bool):
     """The count(s) k: torch's rule and errors on the host, or on the device for a traced amount."""
     _amount.validate(amount)
     masks = [tree.masks[i] for i in idx]
-    sizes = [tree.values[i].size if n is None else n for i, n in zip(idx, remaining(masks))]
+    left = remaining(masks) if any(m is not None for m in masks) else masks
+    sizes = [tree.values[i].size if n is None else n for i, n in zip(idx, left)]
     if _amount.is_traced(amount) or tree.any_traced(idx):  # no host sync, no exceptions
         amount = amount if _amount.is_traced(amount) else _amount.as_device_amount(amount)
         if joint:
@@ -103,12 +104,32 @@ def _prune_at_once(keyfns, args, k, *, joint, method):
     return [_select.prune_smallest([s], ki, method=method)[0] for s, ki in zip(sources, k)]
 
 
+def native_inputs(sources):
+    """The CPU kernel's ``(values, masks)`` for these sources, or None if it cannot take them."""
+    values, masks = [], []
+    for fn, args in sources:
+        if fn is l1_keys:
+            value, mask, score = args
+            values.append(value if score is None else score)
+        elif fn is candidate_keys:
+            value, mask = args
+            values.append(value)
+        else:
+            return None
+        masks.append(mask)
+    return (values, masks) if _cpu.usable(values + [m for m in masks if m is not None]) else None
+
+
 def prune(sources, k, *, joint, method="auto"):
     """Keep masks for the sources: ``k`` pruned per source, or across all of them (``joint``).
 
-    Sources that select by histograms run as separate passes (fast on XLA:CPU, see ``_select``);
-    the others, small or sorted, run as one jitted program: one compilation instead of several.
+    On CPU the native kernel (``_cpu``) takes them when it can. Otherwise, sources that select by
+    histograms run as separate passes (fast on XLA:CPU, see ``_select``); the others, small or
+    sorted, run as one jitted program: one compilation instead of several.
     """
+    native = native_inputs(sources) if method == "auto" else None
+    if native is not None:
+        return _cpu.prune(*native, k, joint=joint)
     sizes = [math.prod(jnp.shape(args[0])) for _, args in sources]
     if joint:
         if _select.use_histogram(sum(sizes), method):

@@ -48,6 +48,14 @@ SCRIPT = textwrap.dedent(
         gathers = re.findall(r"all-gather[^\\n]*", hlo)
         assert not gathers, gathers  # counts are reductions: only histograms cross devices
         assert re.search(r"all-reduce[^\\n]*s32\\[65536\\]", hlo)
+
+    # Eagerly, sharded params take the XLA path; on one device, the native CPU kernel: same masks.
+    from jprune import _cpu
+    assert not _cpu.usable([sharded_ties["a"]["kernel"]]) and _cpu.usable([jnp.asarray(params["a"]["kernel"])])
+    for fn in (jp.global_unstructured, jp.l1_unstructured):
+        got, want = fn(sharded_ties, 0.3), fn(jax.device_put(params, jax.devices()[0]), 0.3)
+        for k in ("a", "b"):
+            np.testing.assert_array_equal(got[k]["kernel"], want[k]["kernel"])
     print("OK")
     """
 )
