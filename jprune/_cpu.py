@@ -26,11 +26,11 @@ _TARGET = "jprune_select"
 _DTYPES = (jnp.float32, jnp.uint32, jnp.bool_)
 
 
-@partial(jax.jit, static_argnames=("joint", "masked"))
-def _call(k, values, masks, *, joint, masked):
+@partial(jax.jit, static_argnames=("joint", "masked", "simd"))
+def _call(k, values, masks, *, joint, masked, simd=True):
     out = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.bool_) for x in values]
     select = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")
-    return select(k, *values, *masks, joint=joint, masked=np.asarray(masked, np.int64))
+    return select(k, *values, *masks, joint=joint, masked=np.asarray(masked, np.int64), simd=simd)
 
 
 @functools.cache
@@ -63,13 +63,14 @@ def usable(arrays) -> bool:
     return True
 
 
-def prune(values, masks, k, *, joint: bool):
+def prune(values, masks, k, *, joint: bool, simd: bool = True):
     """Keep masks: the ``k`` smallest keys of each value (or of all of them, ``joint``) pruned.
 
     Args:
       values: float32 arrays (keys of ``|x|``) or uint32 keys below 2**31.
       masks: one bool mask of candidates per value, or None (every entry is one).
       k: an int32 count (``joint``) or one per value; traced or not, at most the candidates.
+      simd: use the kernel's AVX-512 code where the CPU has it (the masks are the same either way).
     """
     if not available():
         raise RuntimeError("jprune's CPU kernel is not available (not built, or JPRUNE_NATIVE=0)")
@@ -77,4 +78,5 @@ def prune(values, masks, k, *, joint: bool):
         return []
     masked = tuple(i for i, m in enumerate(masks) if m is not None)
     k = jnp.asarray(k, jnp.int32).reshape(-1)  # one per group: (1,) if joint
-    return list(_call(k, list(values), [masks[i] for i in masked], joint=joint, masked=masked))
+    args = (k, list(values), [masks[i] for i in masked])
+    return list(_call(*args, joint=joint, masked=masked, simd=simd))

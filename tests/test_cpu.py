@@ -1,6 +1,7 @@
 """Tests for jprune/_cpu.py: the native CPU selection kernel against a stable-argsort reference.
 
-The reference prunes the k smallest keys (bits of |x| for float32, the keys themselves for uint32),
+Every case runs twice: with the kernel's AVX-512 code (where the CPU has it) and with its portable
+code. The reference prunes the k smallest keys (bits of |x| for float32, the keys themselves for uint32),
 ties by lowest flat index, never a masked-out entry: the rule of ``_select``. Sizes cross the
 kernel's internal boundaries: 2**14 entries (small groups skip the histogram) and 2**18 (chunks
 shared between threads).
@@ -63,7 +64,8 @@ def test_kernel_is_built():
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "special", "sorted", "uint32"])
 @pytest.mark.parametrize("joint", [True, False])
-def test_matches_reference(kind, joint):
+@pytest.mark.parametrize("simd", [True, False], ids=["avx512-if-any", "portable"])
+def test_matches_reference(kind, joint, simd):
     rng = np.random.default_rng([ord(c) for c in kind] + [joint])
     for _ in range(6):
         sizes = list(rng.choice(SIZES, size=rng.integers(1, 4)))
@@ -71,9 +73,8 @@ def test_matches_reference(kind, joint):
         masks = [rng.random(x.size) < 0.6 if rng.random() < 0.5 else None for x in values]
         left = [x.size if m is None else int(m.sum()) for x, m in zip(values, masks)]
         k = int(rng.integers(0, sum(left) + 1)) if joint else [int(rng.integers(0, n + 1)) for n in left]
-        got = _cpu.prune(
-            [jnp.asarray(x) for x in values], [None if m is None else jnp.asarray(m) for m in masks], k, joint=joint
-        )
+        arrays = [jnp.asarray(x) for x in values]
+        got = _cpu.prune(arrays, [None if m is None else jnp.asarray(m) for m in masks], k, joint=joint, simd=simd)
         for g, w in zip(got, reference(values, masks, k, joint)):
             np.testing.assert_array_equal(np.asarray(g), w)
 
