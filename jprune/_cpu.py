@@ -42,8 +42,9 @@ def available() -> bool:
     try:
         jax.ffi.register_ffi_target(_TARGET, _cpu_select.select, platform="cpu")
         with jax.ensure_compile_time_eval():
-            keep = _call(np.array([1], np.int32), [np.array([2.0, -1.0], np.float32)], [], joint=True, masked=())
-            return np.asarray(keep[0]).tolist() == [True, False]
+            x = np.array([2.0, -1.0], np.float32)
+            (keep,) = _call(np.array([1], np.int32), [x], [], joint=True, masked=())
+            return np.asarray(keep).tolist() == [True, False]
     except Exception:  # noqa: BLE001 - any failure means: use XLA
         return False
 

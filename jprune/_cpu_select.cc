@@ -193,17 +193,21 @@ __attribute__((target("avx512f"))) void SplitAvx512(const Chunk& c, uint32_t lo,
   for (; i + 16 <= c.end; i += 16) {
     __m512i key = _mm512_and_si512(_mm512_loadu_si512(bits + i), clear);
     if (mask) {
-      const __m512i m = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i)));
+      const __m128i m8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
+      const __m512i m = _mm512_cvtepu8_epi32(m8);
       key = _mm512_mask_mov_epi32(sentinel, _mm512_test_epi32_mask(m, m), key);
     }
-    const __mmask16 kept = _mm512_mask_cmpneq_epu32_mask(_mm512_cmpgt_epu32_mask(key, vhi), key, sentinel);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + i), _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(kept, one)));
+    const __mmask16 above = _mm512_cmpgt_epu32_mask(key, vhi);
+    const __mmask16 kept = _mm512_mask_cmpneq_epu32_mask(above, key, sentinel);
+    const __m128i kept8 = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(kept, one));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + i), kept8);
     below += __builtin_popcount(_mm512_cmplt_epu32_mask(key, vlo));
     const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(key, vlo), span);
     if (in) {
       out.keys.Reserve(out.keys.size + 16);
       out.offsets.Reserve(out.offsets.size + 16);
-      const __m512i offset = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(i - c.begin)));
+      const __m512i offset =
+          _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(i - c.begin)));
       _mm512_mask_compressstoreu_epi32(out.keys.data() + out.keys.size, in, key);
       _mm512_mask_compressstoreu_epi32(out.offsets.data() + out.offsets.size, in, offset);
       out.keys.size = out.offsets.size = out.keys.size + __builtin_popcount(in);
@@ -213,7 +217,8 @@ __attribute__((target("avx512f"))) void SplitAvx512(const Chunk& c, uint32_t lo,
   // The last few entries: offsets from the chunk's start, as above.
   const size_t before = out.keys.size;
   Split({c.leaf, i, c.end}, lo, hi, out);
-  for (size_t j = before; j < out.offsets.size; ++j) out.offsets.data()[j] += static_cast<uint32_t>(i - c.begin);
+  const uint32_t shift = static_cast<uint32_t>(i - c.begin);
+  for (size_t j = before; j < out.offsets.size; ++j) out.offsets.data()[j] += shift;
 }
 #endif
 
@@ -387,7 +392,8 @@ ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> ks, ffi::Remai
       return ffi::Error::InvalidArgument("jprune_select: leaves must be float32 or uint32");
     }
     leaves[i] = {static_cast<const uint32_t*>(x->untyped_data()), nullptr,
-                 static_cast<bool*>((*keep)->untyped_data()), static_cast<int64_t>(x->element_count()),
+                 static_cast<bool*>((*keep)->untyped_data()),
+                 static_cast<int64_t>(x->element_count()),
                  dt == ffi::DataType::F32 ? 0x7FFFFFFFu : 0xFFFFFFFFu};
   }
   for (size_t j = 0; j < masked.size(); ++j) {

@@ -6,7 +6,8 @@ selection: a histogram of the high 16 bits finds the bucket holding it, a histog
 inside that bucket finds the key, and one last pass writes the mask. Every count is a reduction, so
 the same code runs on sharded arrays without gathering them. On GPUs, where scatter-add histograms
 contend on atomics, a sort finds the key instead (issue #2 measured sort ahead there, histograms far
-ahead on CPU); small inputs sort too.
+ahead on CPU); small inputs sort too. On one CPU device, float32 scores and random keys are
+usually selected by the native kernel of ``_cpu`` instead (same rule, same answers).
 
 Ties at the k-th key are broken by flat index, lowest first (the order of ``jax.lax.top_k``), by a
 second selection over the tied entries' indices, run only when it is needed. torch breaks ties in an

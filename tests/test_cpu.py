@@ -74,7 +74,8 @@ def test_matches_reference(kind, joint, simd):
         left = [x.size if m is None else int(m.sum()) for x, m in zip(values, masks)]
         k = int(rng.integers(0, sum(left) + 1)) if joint else [int(rng.integers(0, n + 1)) for n in left]
         arrays = [jnp.asarray(x) for x in values]
-        got = _cpu.prune(arrays, [None if m is None else jnp.asarray(m) for m in masks], k, joint=joint, simd=simd)
+        candidates = [None if m is None else jnp.asarray(m) for m in masks]
+        got = _cpu.prune(arrays, candidates, k, joint=joint, simd=simd)
         for g, w in zip(got, reference(values, masks, k, joint)):
             np.testing.assert_array_equal(np.asarray(g), w)
 
@@ -97,7 +98,8 @@ def test_traced_count_does_not_recompile():
 
 def test_public_api_uses_the_kernel_and_agrees_with_xla():
     rng = np.random.default_rng(1)
-    params = {f"d{i}": {"kernel": jnp.asarray(sample(rng, 300_000, "ties").reshape(600, 500))} for i in range(2)}
+    kernels = [sample(rng, 300_000, "ties").reshape(600, 500) for _ in range(2)]
+    params = {f"d{i}": {"kernel": jnp.asarray(k)} for i, k in enumerate(kernels)}
     tree = _unstructured.Tree(params)
     idx = tree.select(None)
     sources = [(_unstructured.l1_keys, (tree.values[i], None, None)) for i in idx]

@@ -51,7 +51,8 @@ SCRIPT = textwrap.dedent(
 
     # Eagerly, sharded params take the XLA path; on one device, the native CPU kernel: same masks.
     from jprune import _cpu
-    assert not _cpu.usable([sharded_ties["a"]["kernel"]]) and _cpu.usable([jnp.asarray(params["a"]["kernel"])])
+    assert not _cpu.usable([sharded_ties["a"]["kernel"]])
+    assert _cpu.usable([jnp.asarray(params["a"]["kernel"])])
     for fn in (jp.global_unstructured, jp.l1_unstructured):
         got, want = fn(sharded_ties, 0.3), fn(jax.device_put(params, jax.devices()[0]), 0.3)
         for k in ("a", "b"):
