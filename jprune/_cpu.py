@@ -30,6 +30,7 @@ _DTYPES = (jnp.float32, jnp.uint32, jnp.bool_)
 def _call(k, values, masks, *, joint, masked, simd=True):
     out = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.bool_) for x in values]
     select = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")
+    values = jax.lax.stop_gradient(values)  # masks are constants to autodiff, as on the XLA path
     return select(k, *values, *masks, joint=joint, masked=np.asarray(masked, np.int64), simd=simd)
 
 

@@ -120,3 +120,17 @@ def test_switched_off_by_environment():
     env = dict(os.environ, JPRUNE_NATIVE="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_differentiable_around_and_vmappable():
+    """Masks are constants to autodiff (a loss may prune inside itself), and vmap maps the kernel."""
+    w = jnp.asarray(sample(np.random.default_rng(2), 60_000, "normal").reshape(300, 200))
+
+    def loss(w):
+        return jnp.sum(jp.apply_masks(w, jp.l1_unstructured(w, 0.5)) ** 2)
+
+    m = jp.l1_unstructured(w, 0.5)
+    np.testing.assert_array_equal(jax.jit(jax.grad(loss))(w), 2 * jp.apply_masks(w, m))
+    batch = jnp.stack([w, -0.5 * w, w + 1])
+    got = jax.vmap(lambda x: jp.l1_unstructured(x, 0.3))(batch)
+    np.testing.assert_array_equal(got, jnp.stack([jp.l1_unstructured(x, 0.3) for x in batch]))
