@@ -117,6 +117,8 @@ def native_inputs(sources):
         else:
             return None
         masks.append(mask)
+    if sum(math.prod(jnp.shape(v)) for v in values) >= 2**31:  # counts are int32 in the kernel
+        return None
     return (values, masks) if _cpu.usable(values + [m for m in masks if m is not None]) else None
 
 
