@@ -24,6 +24,7 @@ from conftest import (
     torch_mask,
     torch_module,
 )
+from interop_models import FooBarPruningMethod  # the seed's example: prune every other entry
 
 import jprune as jp
 from jprune._tree import ShapeError
@@ -338,17 +339,6 @@ def test_nan_channel_is_kept_by_ln():
 
 # --------------------------------------------------------------------------------------------------
 # Custom methods vs real torch BasePruningMethod subclasses
-
-
-class FooBarPruningMethod(tprune.BasePruningMethod):
-    """The seed's example (torch docs): prune every other entry."""
-
-    PRUNING_TYPE = "unstructured"
-
-    def compute_mask(self, t, default_mask):
-        mask = default_mask.clone()
-        mask.view(-1)[::2] = 0
-        return mask
 
 
 @jp.custom_method(kind="unstructured")
