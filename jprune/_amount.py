@@ -11,26 +11,40 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+MAX_COUNT = 2**31 - 1  # counts are int32
 
 
 def is_traced(amount) -> bool:
-    """True for a JAX array amount (traced under jit, or concrete): it is counted on the device."""
-    return isinstance(amount, jax.Array)
+    """True for an amount only known on the device (a traced JAX scalar, under jit)."""
+    return isinstance(amount, jax.core.Tracer)
 
 
-def validate(amount) -> None:
-    """Check ``amount`` as torch does when a pruning method is constructed.
+def validate(amount):
+    """Check ``amount`` as torch does when a pruning method is constructed; returns it.
+
+    A concrete JAX scalar (outside jit) is checked and returned as the Python number of its value,
+    so ``jnp.float32(1.5)``, ``jnp.array(-3)`` or NaN get the errors a Python number gets. A traced
+    scalar is only checked for shape and dtype (its value is known on the device alone).
 
     Raises:
-      TypeError: ``amount`` is not a real number (or is a ``bool``, which torch cannot use either).
+      TypeError: ``amount`` is not a real number (or is a ``bool``, which torch cannot use either),
+        or is a JAX array that is not an int or float scalar.
       ValueError: a negative integer, or a fraction outside ``[0, 1]``.
     """
-    if is_traced(amount):
+    if isinstance(amount, jax.Array):
         if jnp.ndim(amount) != 0:
-            raise TypeError(f"A traced amount must be a scalar, got shape {jnp.shape(amount)}.")
-        return
+            raise TypeError(f"A JAX array amount must be a scalar, got shape {jnp.shape(amount)}.")
+        dtype = jnp.result_type(amount)
+        integer, floating = jnp.issubdtype(dtype, jnp.integer), jnp.issubdtype(dtype, jnp.floating)
+        if not (integer or floating):
+            raise TypeError(f"Invalid dtype for amount: {dtype}. Must be an int or float scalar.")
+        if is_traced(amount):
+            return amount
+        amount = int(amount) if integer else float(amount)
     # torch accepts bool here and then fails inside topk/kthvalue; refusing it early is clearer.
-    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+    if isinstance(amount, bool | np.bool_) or not isinstance(amount, numbers.Real):
         raise TypeError(f"Invalid type for amount: {amount}. Must be int or float.")
     if (isinstance(amount, numbers.Integral) and amount < 0) or (
         not isinstance(amount, numbers.Integral) and (float(amount) > 1.0 or float(amount) < 0.0)
@@ -38,6 +52,7 @@ def validate(amount) -> None:
         raise ValueError(
             f"amount={amount} should either be a float in the range [0, 1] or a non-negative integer"
         )
+    return amount
 
 
 def count(amount, n: int) -> int:
@@ -127,23 +142,25 @@ def _bitlen(x):
 
 
 def _fraction_words(a):
-    """A traced fraction as words ``(m_hi, m_lo, s)``: ``a == (m_hi * 2**32 + m_lo) / 2**s``."""
+    """A traced fraction as words ``(m_hi, m_lo, s, p)``: ``a == (m_hi * 2**32 + m_lo) / 2**s``,
+    its product to be rounded to ``p = 53`` bits (a double, as Python's ``round(a * n)``)."""
     a = jnp.clip(jnp.asarray(a).astype(jnp.float32), 0.0, 1.0)
     a = jnp.where(jnp.isnan(a), 0.0, a)  # a NaN fraction prunes nothing
     bits = jax.lax.bitcast_convert_type(a, _U)
     exp = ((bits >> 23) & 0xFF).astype(jnp.int32)
     m = jnp.where(exp == 0, bits & 0x7FFFFF, (bits & 0x7FFFFF) | 0x800000)
-    return _U(0), m, 150 - jnp.maximum(exp, 1)
+    return _U(0), m, 150 - jnp.maximum(exp, 1), jnp.int32(53)
 
 
 def count_traced(amount, n):
     """``count`` inside jit, for a traced candidate count ``n`` (int32).
 
-    ``amount`` is an integer scalar (a count), a floating scalar (a fraction, used at float32), or
-    the exact words ``(m_hi, m_lo, s)`` of a double fraction from ``as_device_amount``. A fraction
-    gives ``round(a * n)`` exactly as Python does it for a double ``a``: the product rounded to a
-    double, then half to even, emulated in integer arithmetic. Counts are clipped to ``[0, n]``:
-    errors cannot be raised under jit.
+    ``amount`` is an integer scalar (a count), a floating scalar (a fraction: its exact value,
+    the product rounded as a double), or the exact words ``(m_hi, m_lo, s, p)`` of a host fraction
+    from ``as_device_amount``. A fraction gives ``round(a * n)`` exactly as Python does it: the
+    product rounded to ``p`` significant bits (53 for a double, 24 for ``np.float32``, 11 for
+    ``np.float16``), then half to even, emulated in integer arithmetic. Counts are clipped to
+    ``[0, n]``: errors cannot be raised under jit.
     """
     n = jnp.asarray(n, jnp.int32)
     if not isinstance(amount, tuple):
@@ -151,26 +168,67 @@ def count_traced(amount, n):
         if not jnp.issubdtype(amount.dtype, jnp.floating):
             return jnp.clip(amount.astype(jnp.int32), 0, n)
         amount = _fraction_words(amount)
-    m_hi, m_lo, s = (jnp.asarray(x) for x in amount)
+    m_hi, m_lo, s, prec = (jnp.asarray(x) for x in amount)
     a_hi, a_lo = _mul_u32(m_lo.astype(_U), n.astype(_U))
     b_hi, b_lo = _mul_u32(m_hi.astype(_U), n.astype(_U))
     p1 = a_hi + b_lo
     p = [a_lo, p1, b_hi + (p1 < a_hi).astype(_U)]  # m * n, below 2**85
     length = jnp.where(p[2] > 0, 64 + _bitlen(p[2]), jnp.where(p[1] > 0, 32 + _bitlen(p[1]), _bitlen(p[0])))
-    r = jnp.maximum(length - 53, 0)
-    q = _round_shift(p, r)  # the product as a double: 53 significant bits, times 2**(r - s)
+    r = jnp.maximum(length - prec, 0)
+    q = _round_shift(p, r)  # the product in the amount's precision: p significant bits, times 2**(r - s)
     k = _round_shift(q, jnp.clip(s - r, 0, 95))[0]
     k = jnp.where(s - r > 95, _U(0), k)
     return jnp.clip(k.astype(jnp.int32), 0, n)
 
 
-def as_device_amount(amount):
-    """A concrete amount as device scalars that `count_traced` reads exactly (no recompiles)."""
+# Significant bits of a host fraction's arithmetic: torch computes round(amount * n) in the
+# amount's own type (a Python float is a double; numpy scalars keep their width under NEP 50).
+_PRECISION = {float: 53, np.float64: 53, np.float32: 24, np.float16: 11}
+
+
+def as_device_amount(amount, max_n: int = MAX_COUNT):
+    """A validated host amount as device scalars that ``count_traced`` reads exactly (no
+    recompiles when it changes), for a count ``n <= max_n`` known only on the device.
+
+    Raises (statically, what the host count would raise for some ``n <= max_n``):
+      ValueError: an integer count above ``max_n``, or a NaN fraction.
+      OverflowError: an ``np.float16`` fraction whose product with ``max_n`` overflows float16.
+      TypeError: a fraction type whose arithmetic cannot be reproduced on the device
+        (``Fraction``, ``np.longdouble``, ...): pass concrete masks or a float.
+    """
     if isinstance(amount, numbers.Integral):
+        if int(amount) > max_n:
+            raise ValueError(
+                f"amount={int(amount)} should be smaller than the number of parameters to prune={max_n}"
+            )
         return jnp.asarray(int(amount), jnp.int32)
+    prec = _PRECISION.get(type(amount))
+    if prec is None:
+        raise TypeError(
+            f"amount={amount!r} ({type(amount).__name__}) cannot be counted exactly on the device "
+            "(the masks are traced under jit): pass a float, an np.float32/np.float16, or concrete masks"
+        )
     a = float(amount)
-    if not 0.0 < a <= 1.0:  # 0 (and NaN, which `validate`/`count` reject on the host) prune nothing
-        return _U(0), _U(0), jnp.int32(0)
+    if math.isnan(a):
+        raise ValueError("cannot convert float NaN to integer")
+    if type(amount) is np.float16 and a * max_n >= 65520:  # the float16 product would be inf
+        raise OverflowError(
+            f"amount=np.float16({a}) times up to {max_n} entries overflows float16 (torch's "
+            "round(amount * n) raises OverflowError there); pass a float"
+        )
+    if a == 0.0:
+        return _U(0), _U(0), jnp.int32(0), jnp.int32(prec)
     f, e = math.frexp(a)
-    m = int(f * 2**53)
-    return _U(m >> 32), _U(m & 0xFFFFFFFF), jnp.int32(53 - e)
+    m = int(f * 2**53)  # exact: a has at most 53 significant bits
+    return _U(m >> 32), _U(m & 0xFFFFFFFF), jnp.int32(53 - e), jnp.int32(prec)
+
+
+def count_on_device(amount, n, *, max_n: int):
+    """The count for a candidate count ``n`` known only on the device (``n <= max_n``): a traced
+    amount as ``count_traced`` reads it, a host amount exactly as ``count`` would round it."""
+    if is_traced(amount):
+        return _count_traced(amount, n)
+    return _count_traced(as_device_amount(amount, max_n), n)
+
+
+_count_traced = jax.jit(count_traced)

@@ -25,12 +25,13 @@ def identity(params, *, select=None):
 
     Examples:
       >>> import jax.numpy as jnp, jprune as jp
-      >>> jp.identity({"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)})
-      {'b': None, 'w': Array([[ True,  True],
+      >>> jp.identity({"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)})
+      {'bias': None, 'kernel': Array([[ True,  True],
              [ True,  True]], dtype=bool)}
     """
     tree = Tree(params)
-    return tree.with_masks({i: jnp.ones(tree.values[i].shape, bool) for i in tree.select(select)})
+    # ones_like keeps a sharded leaf's sharding, so a jitted step that takes the masks compiles once.
+    return tree.with_masks({i: jnp.ones_like(tree.values[i], bool) for i in tree.select(select)})
 
 
 def custom_from_mask(params, mask, *, masks=None):
@@ -65,18 +66,39 @@ def custom_from_mask(params, mask, *, masks=None):
             raise ShapeError(
                 f"mask at {path!r}: default_mask shape {v.shape} must match mask shape {jnp.shape(m)}"
             )
-        if not is_tracer(m) and not np.isin(np.asarray(m), (0, 1)).all():
-            raise ValueError(f"mask at {path!r} has values other than 0 and 1")
-        m = jnp.asarray(m) != 0
+        m = as_bool_mask(m, f"mask at {path!r}")
         new[i] = m if tree.masks[i] is None else tree.masks[i] & m
     return tree.with_masks(new)
 
 
+def as_bool_mask(m, what: str):
+    """A user's 0/1 mask as bool; anything else (0.5, 2, NaN, -1) is refused, never rounded.
+
+    A traced mask (under jit) must already be bool: its values cannot be checked on the host.
+    """
+    dtype = jnp.result_type(m)
+    if dtype == jnp.bool_:
+        return jnp.asarray(m)
+    if is_tracer(m):
+        raise TypeError(
+            f"{what} is a traced {dtype} array: under jit a mask must be bool (0/1 values cannot be "
+            "checked on the device); pass `mask == 1` yourself, or call outside jit"
+        )
+    values = np.asarray(m)
+    if not np.isin(values, (0, 1)).all():
+        bad = values.ravel()[np.flatnonzero(~np.isin(values, (0, 1)))[0]]
+        raise ValueError(
+            f"{what} has values other than 0 and 1 (e.g. {bad!r}); torch would scale the weight by "
+            "them, jprune masks are bool"
+        )
+    return jnp.asarray(values != 0)
+
+
 def _call(rule, t, default, kwargs):
-    out = jnp.asarray(rule(t, default, **kwargs))
-    if out.shape != t.shape:
-        raise ShapeError(f"the rule returned a mask of shape {out.shape}, expected {t.shape}")
-    return out != 0
+    out = rule(t, default, **kwargs)
+    if jnp.shape(out) != t.shape:
+        raise ShapeError(f"the rule returned a mask of shape {jnp.shape(out)}, expected {t.shape}")
+    return as_bool_mask(out, f"the mask {getattr(rule, '__name__', 'the rule')} returned")
 
 
 def _apply_rule(rule, kind, t, mask, axis, kwargs):
@@ -157,8 +179,8 @@ def custom_method(compute_mask=None, *, kind="unstructured"):
             t = effective(v, m) if s is None else s
             try:
                 new[i] = _apply_rule(compute_mask, kind, t, m, ax, kwargs)
-            except ShapeError as e:
-                raise ShapeError(f"{path}: {e}") from None
+            except (ValueError, TypeError) as e:  # ShapeError included: the same type, with the path
+                raise type(e)(f"{path}: {e}") from None
         return tree.with_masks(new)
 
     functools.update_wrapper(method, compute_mask)

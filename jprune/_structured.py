@@ -99,21 +99,21 @@ def _prune(values, masks, scores, rngs, k, *, axes, n, kind, from_amount):
         c = v.shape[axis]
         if kind == "random":
             keys = jax.random.bits(r, (c,), jnp.uint32) >> 1
-        else:
-            keys = _select.abs_keys(channel_norms(effective(v, m) if s is None else s, n, axis))
+        else:  # norms keep their dtype's order: float64 norms get 64-bit keys
+            keys = _select.magnitude_keys(channel_norms(effective(v, m) if s is None else s, n, axis))
         live = None if m is None else channel_mask(m, axis)
-        if live is not None:
-            keys = jnp.where(live, keys, jnp.uint32(_select.SENTINEL))
         left = c if live is None else jnp.sum(live, dtype=jnp.int32)
         ki = _amount.count_traced(k, left) if from_amount else k[i]
-        keep = expand(_select.prune_smallest([(_select.given, (keys,))], ki)[0], v.shape, axis)
+        bits = 8 * keys.dtype.itemsize
+        keep = _select.prune_smallest([(_select.given, (keys, live))], ki, bits=bits)[0]
+        keep = expand(keep, v.shape, axis)
         out.append(keep if m is None else m & keep)
     return out
 
 
 def run(tree: Tree, idx, amount, axis, *, kind, n=None, key=None):
     """Prune channels of the selected leaves; returns the masks pytree."""
-    _amount.validate(amount)
+    amount = _amount.validate(amount)
     axes = tuple(normalize_axis(axis, tree.values[i].shape, tree.paths[i]) for i in idx)
     if kind == "ln":
         for i in idx:
@@ -121,24 +121,31 @@ def run(tree: Tree, idx, amount, axis, *, kind, n=None, key=None):
             s = tree.scores[i] if tree.scores[i] is not None else tree.values[i]
             if not jnp.issubdtype(jnp.result_type(s), jnp.floating):
                 raise RuntimeError(
-                    f"{tree.paths[i]}: linalg.vector_norm: Expected a floating point tensor as "
+                    f"{tree.where(i)}linalg.vector_norm: Expected a floating point tensor as "
                     f"input. Got {jnp.result_type(s)}"
                 )
     elif key is None:
         raise TypeError("random pruning needs an explicit PRNG key: pass key=jax.random.key(0)")
     masks = [tree.masks[i] for i in idx]
+    channels = [tree.values[i].shape[a] for i, a in zip(idx, axes)]
     from_amount = _amount.is_traced(amount) or tree.any_traced(idx)
     if from_amount:
-        k = amount if _amount.is_traced(amount) else _amount.as_device_amount(amount)
+        k = amount
+        if not _amount.is_traced(amount):
+            for i, c in zip(idx, channels):  # what the host count would refuse for any live count
+                try:
+                    k = _amount.as_device_amount(amount, c)
+                except ValueError as e:
+                    raise ValueError(f"{tree.where(i)}{e}") from None
     else:
         live = jax.device_get(live_channels(masks, axes=axes))
-        sizes = [tree.values[i].shape[a] if n is None else n for i, a, n in zip(idx, axes, live)]
+        sizes = [c if n is None else n for c, n in zip(channels, live)]
         ks = []
         for i, c in zip(idx, sizes):
             try:
                 ks.append(_amount.count(amount, int(c)))
             except ValueError as e:
-                raise ValueError(f"{tree.paths[i]}: {e}") from None
+                raise ValueError(f"{tree.where(i)}{e}") from None
         k = jnp.asarray(ks, jnp.int32)
     rngs = list(jax.random.split(key, len(idx))) if kind == "random" else [None] * len(idx)
     new = _prune(

@@ -7,6 +7,8 @@ return the target sparsity as a traced scalar, so a changing sparsity does not r
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -122,7 +124,10 @@ def keep_pruned(inner: optax.GradientTransformation, masks: Any) -> optax.Gradie
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        _check_masks(params, masks)
+        # optax.tree_utils.tree_map_params calls init with a leafless placeholder for the params,
+        # to find where params-like trees sit in the state: nothing to check against then.
+        if jax.tree.leaves(params):
+            _check_masks(params, masks)
         return KeepPrunedState(masks=masks, inner_state=inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -234,8 +239,19 @@ def set_masks(opt_state: Any, masks: Any) -> Any:
 
 
 def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 <= float(value) <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:  # NaN fails this too
         raise ValueError(f"{name} must be a fraction in [0, 1], got {value}")
+
+
+def _check_step(name: str, value, minimum: int = 0) -> int:
+    """A step count or frequency: an integer (not a float such as 2.5 or inf), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
 
 
 def constant_sparsity(sparsity: float) -> Schedule:
@@ -274,7 +290,8 @@ def one_shot_sparsity(sparsity: float, step: int) -> Schedule:
       A function ``step -> sparsity`` (a float32 scalar).
 
     Raises:
-      ValueError: if ``sparsity`` is not in [0, 1] or ``step`` is negative.
+      ValueError: if ``sparsity`` is not in [0, 1] (NaN included) or ``step`` is negative.
+      TypeError: if ``sparsity`` is not a real number or ``step`` not an integer.
 
     Examples:
       >>> s = one_shot_sparsity(0.75, step=100)
@@ -282,9 +299,7 @@ def one_shot_sparsity(sparsity: float, step: int) -> Schedule:
       (0.0, 0.75)
     """
     _check_fraction("sparsity", sparsity)
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    at = step
+    at = _check_step("step", step)
 
     def schedule(step):
         return jnp.where(jnp.asarray(step) >= at, jnp.float32(sparsity), jnp.float32(0.0))
@@ -306,7 +321,8 @@ def polynomial_sparsity(
     ``s(t) = s_f + (s_i - s_f) * (1 - (t_q - t_0) / (t_end - t_0)) ** power`` where ``t_q`` is ``t``
     rounded down to ``t_0 + k * frequency`` and clipped to ``[t_0, t_end]``: the sparsity is
     ``initial_sparsity`` before ``begin_step``, rises fast then slowly, changes only every
-    ``frequency`` steps, and is ``final_sparsity`` from ``end_step`` on.
+    ``frequency`` steps, and is exactly ``final_sparsity`` from ``end_step`` on (also when
+    ``end_step - begin_step`` is not a multiple of ``frequency``).
 
     Args:
       final_sparsity: the sparsity reached at ``end_step``, in [0, 1].
@@ -321,7 +337,10 @@ def polynomial_sparsity(
 
     Raises:
       ValueError: on a sparsity outside [0, 1], ``initial_sparsity > final_sparsity``,
-        ``end_step <= begin_step``, a negative ``begin_step``, ``frequency < 1`` or ``power <= 0``.
+        ``end_step <= begin_step``, a negative ``begin_step``, ``frequency < 1``, or a ``power``
+        that is not a finite number > 0.
+      TypeError: steps or ``frequency`` that are not integers (``2.5``, ``inf``), or a sparsity that
+        is not a real number.
 
     Examples:
       >>> s = polynomial_sparsity(0.9, begin_step=0, end_step=100, frequency=10)
@@ -334,19 +353,21 @@ def polynomial_sparsity(
         raise ValueError(
             f"initial_sparsity must be <= final_sparsity, got {initial_sparsity} > {final_sparsity}"
         )
-    if begin_step < 0 or end_step <= begin_step:
+    begin_step, end_step = _check_step("begin_step", begin_step), _check_step("end_step", end_step)
+    if end_step <= begin_step:
         raise ValueError(
             f"expected 0 <= begin_step < end_step, got begin_step={begin_step}, end_step={end_step}"
         )
-    if frequency < 1:
-        raise ValueError(f"frequency must be an integer >= 1, got {frequency}")
-    if power <= 0:
-        raise ValueError(f"power must be > 0, got {power}")
-    span = float(end_step - begin_step)
+    frequency = _check_step("frequency", frequency, minimum=1)
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not 0 < power < math.inf:
+        raise ValueError(f"power must be a finite number > 0, got {power!r}")
+    span = end_step - begin_step
 
     def schedule(step):
         t = jnp.asarray(step, jnp.int32) - begin_step
-        t = jnp.clip((t // frequency) * frequency, 0, end_step - begin_step)
+        # Quantized to every `frequency` steps, but the last step is end_step itself: the schedule
+        # ends exactly at final_sparsity even when the span is not a multiple of the frequency.
+        t = jnp.where(t >= span, span, jnp.clip((t // frequency) * frequency, 0, span))
         progress = t.astype(jnp.float32) / jnp.float32(span)
         s = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power
         return jnp.asarray(s, jnp.float32)
@@ -406,10 +427,10 @@ def prune_to_sparsity(
     Examples:
       >>> import jax.numpy as jnp
       >>> params = {"a": jnp.array([[1.0, -5.0], [3.0, 0.5]]), "b": jnp.array([[2.0, 4.0]])}
-      >>> masks = prune_to_sparsity(params, 0.5)
+      >>> masks = prune_to_sparsity(params, 0.5, select="*")
       >>> masks["a"].tolist(), masks["b"].tolist()
       ([[False, True], [True, False]], [[False, True]])
-      >>> int((~prune_to_sparsity(params, 0.8, masks=masks)["b"]).sum())  # 5 of 6 now
+      >>> int((~prune_to_sparsity(params, 0.8, masks=masks, select="*")["b"]).sum())  # 5 of 6 now
       2
     """
     if scope not in ("global", "layer"):
@@ -462,21 +483,21 @@ def update_masks(
 
     Raises:
       ValueError: if ``frequency < 1``, or a selected leaf has a ``None`` mask.
+      TypeError: if ``frequency`` is not an integer.
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5)}
-      >>> masks = {"w": jnp.ones((2, 5), bool)}
+      >>> params = {"kernel": jnp.arange(1.0, 11.0).reshape(2, 5)}
+      >>> masks = {"kernel": jnp.ones((2, 5), bool)}
       >>> schedule = polynomial_sparsity(0.8, begin_step=0, end_step=10, frequency=5)
       >>> step_fn = jax.jit(lambda p, m, t: update_masks(p, m, t, schedule, frequency=5))
-      >>> [int((~step_fn(params, masks, t)[1]["w"]).sum()) for t in (0, 3, 5, 10)]
+      >>> [int((~step_fn(params, masks, t)[1]["kernel"]).sum()) for t in (0, 3, 5, 10)]
       [0, 0, 7, 8]
-      >>> step_fn(params, masks, 5)[0]["w"]
+      >>> step_fn(params, masks, 5)[0]["kernel"]
       Array([[ 0.,  0.,  0.,  0.,  0.],
              [ 0.,  0.,  8.,  9., 10.]], dtype=float32)
     """
-    if frequency < 1:
-        raise ValueError(f"frequency must be an integer >= 1, got {frequency}")
+    frequency = _check_step("frequency", frequency, minimum=1)
     old_def = jax.tree.structure(masks)
 
     def recompute(operands):

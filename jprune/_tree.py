@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class ShapeError(ValueError, AssertionError):
@@ -29,6 +30,16 @@ def path_str(path) -> str:
     return "/".join(_key_str(k) for k in keys)
 
 
+def is_kernel(path: str, leaf) -> bool:
+    """The default selection: a floating array of ``ndim >= 2`` named ``kernel``."""
+    return (
+        path.rsplit("/", 1)[-1] == "kernel"
+        and is_array(leaf)
+        and jnp.ndim(leaf) >= 2
+        and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    )
+
+
 def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
@@ -36,30 +47,49 @@ def is_tracer(x) -> bool:
 Select = str | Sequence[str] | Callable[[str, Any], bool] | None
 
 
+def is_array(x) -> bool:
+    """Whether a leaf is an array (or a number) that pruning can address: not a string, a
+    function or another object that merely sits in the tree."""
+    return isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex)
+
+
 class Tree:
     """A params pytree flattened to leaves, with the masks and scores aligned to it.
 
-    ``masks`` and ``importance_scores`` mirror ``params``; ``None`` marks a leaf without one.
+    ``masks`` and ``importance_scores`` mirror ``params``; ``None`` marks a leaf without one. Leaves
+    that are not arrays (strings, functions) are carried along untouched and never selected.
+
+    Raises:
+      ValueError: two leaves have the same path string (``{"a/b": x, "a": {"b": y}}``): a path
+        could not name one of them.
     """
 
     def __init__(self, params, masks=None, scores=None, *, scores_name="importance_scores"):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.paths = [path_str(p) for p, _ in flat]
-        self.values = [v if isinstance(v, jax.Array) else jnp.asarray(v) for _, v in flat]
+        if len(set(self.paths)) != len(self.paths):
+            twice = sorted({p for p in self.paths if self.paths.count(p) > 1})
+            raise ValueError(
+                f"params has several leaves at the path(s) {twice} (a key containing '/' collides "
+                "with a nested key): rename the keys so that every leaf has its own path"
+            )
+        self.values = [v if isinstance(v, jax.Array) or not is_array(v) else jnp.asarray(v) for _, v in flat]
         self.masks = self.align(masks, "masks")
         self.scores = self.align(scores, scores_name)
         for path, v, m in zip(self.paths, self.values, self.masks):
             if m is None:
                 continue
+            if not is_array(v):
+                raise TypeError(f"mask at {path!r}: the leaf is a {type(v).__name__}, not an array")
             if jnp.shape(m) != v.shape:
                 raise ShapeError(f"mask at {path!r} has shape {jnp.shape(m)}, expected {v.shape}")
             if jnp.result_type(m) != jnp.bool_:
                 raise TypeError(f"mask at {path!r} has dtype {jnp.result_type(m)}, expected bool")
         for path, v, s in zip(self.paths, self.values, self.scores):
-            if s is not None and jnp.shape(s) != v.shape:
+            if s is not None and jnp.shape(s) != jnp.shape(v):
                 raise ShapeError(
                     f"{scores_name} at {path!r} should have the same shape as the parameter, "
-                    f"got {tuple(jnp.shape(s))} vs {v.shape}"
+                    f"got {tuple(jnp.shape(s))} vs {jnp.shape(v)}"
                 )
 
     def align(self, tree, name):
@@ -72,16 +102,22 @@ class Tree:
             raise ValueError(f"{name} must mirror the structure of params: {e}") from None
 
     def select(self, select: Select) -> list[int]:
-        """Indices of the selected leaves (see the ``select`` argument of the pruning functions)."""
+        """Indices of the selected leaves (see the ``select`` argument of the pruning functions).
+
+        The default is every leaf named ``kernel`` (Dense, Conv, Einsum and attention layers) with a
+        floating dtype and ``ndim >= 2``; never biases, norm scales, embeddings or free-standing
+        params. A bare array is always selected.
+        """
+        if not self.values:
+            raise ValueError("params has no leaves: there is nothing to prune")
         if select is None:
             if self.treedef.num_nodes == 1:  # a bare array: prune it
-                return [0]
-            idx = [
-                i for i, v in enumerate(self.values) if v.ndim >= 2 and jnp.issubdtype(v.dtype, jnp.floating)
-            ]
-            what = "the default selection (floating leaves with ndim >= 2)"
+                idx = [0]
+            else:
+                idx = [i for i, (p, v) in enumerate(zip(self.paths, self.values)) if is_kernel(p, v)]
+            what = "the default selection (floating leaves named 'kernel' with ndim >= 2)"
         elif callable(select):
-            idx = [i for i, (p, v) in enumerate(zip(self.paths, self.values)) if select(p, v)]
+            idx = [i for i, (p, v) in enumerate(zip(self.paths, self.values)) if is_array(v) and select(p, v)]
             what = f"select={select!r}"
         else:
             patterns = [select] if isinstance(select, str) else list(select)
@@ -93,7 +129,16 @@ class Tree:
             what = f"select={select!r}"
         if not idx:
             raise ValueError(f"{what} matches no leaf; the paths are {self.paths}")
+        for i in idx:
+            if not is_array(self.values[i]):
+                raise TypeError(
+                    f"{what} selects {self.paths[i]!r}, a {type(self.values[i]).__name__}, not an array"
+                )
         return idx
+
+    def where(self, i: int) -> str:
+        """``"path: "`` to start an error message about leaf ``i`` (empty for a bare array)."""
+        return f"{self.paths[i]}: " if self.paths[i] else ""
 
     def with_masks(self, new: dict[int, Any]):
         """The masks pytree: ``new[i]`` for the given leaves, the incoming mask (or None) elsewhere."""

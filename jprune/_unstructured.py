@@ -7,6 +7,7 @@ A call prunes ``k`` of the *remaining* entries (``mask == True``) of each select
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import partial
 
@@ -15,31 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _amount, _cpu, _select
-from ._tree import Tree, effective
-
-
-def score_keys(s):
-    """uint32 keys ordered like ``|s|`` (NaN above inf); exact for floats up to 32 bits."""
-    if jnp.issubdtype(s.dtype, jnp.floating) and s.dtype.itemsize <= 4:
-        return _select.abs_keys(s)
-    # float64 / integers: the rank of |s| (a stable sort, NaN last) is an order-preserving key.
-    flat = jnp.abs(s).ravel()
-    rank = (
-        jnp.zeros(flat.shape, jnp.uint32)
-        .at[jnp.argsort(flat, stable=True)]
-        .set(jnp.arange(flat.size, dtype=jnp.uint32))
-    )
-    return rank.reshape(s.shape)
+from ._tree import Tree
 
 
 def l1_keys(value, mask, score):
-    """Keys of ``|score|`` (default ``value * mask``); already-pruned entries get the sentinel."""
-    return candidate_keys(score_keys(effective(value, mask) if score is None else score), mask)
+    """Keys of ``|score|`` (default: the value itself); the candidates are the unpruned entries."""
+    return _select.magnitude_keys(value if score is None else score), mask
+
+
+def l1_keys_wide(value, mask, score):
+    """``l1_keys`` widened to uint64, to share a group with 64-bit integer scores."""
+    keys, cand = l1_keys(value, mask, score)
+    return keys.astype(jnp.uint64), cand
 
 
 def candidate_keys(keys, mask):
-    """Already-pruned entries get the sentinel key, so they are never chosen again."""
-    return keys if mask is None else jnp.where(mask, keys, jnp.uint32(_select.SENTINEL))
+    """Random keys; the candidates are the unpruned entries."""
+    return keys, mask
 
 
 @partial(jax.jit, static_argnames="shapes")
@@ -57,96 +50,152 @@ def remaining(masks):
     return [None if m is None else jnp.sum(m, dtype=jnp.int32) for m in masks]
 
 
-count_traced = jax.jit(_amount.count_traced)
-
-
 def counts(tree: Tree, idx, amount, *, joint: bool):
     """The count(s) k: torch's rule and errors on the host, or on the device for a traced amount."""
-    _amount.validate(amount)
+    sizes = [tree.values[i].size for i in idx]
+    if joint:
+        _select.check_group_size(sum(sizes))
+    for i, n in zip(idx, sizes):
+        _select.check_group_size(n, tree.where(i))
+    amount = _amount.validate(amount)
     masks = [tree.masks[i] for i in idx]
     left = remaining(masks) if any(m is not None for m in masks) else masks
-    sizes = [tree.values[i].size if n is None else n for i, n in zip(idx, left)]
+    left = [n if m is None else m for n, m in zip(sizes, left)]
     if _amount.is_traced(amount) or tree.any_traced(idx):  # no host sync, no exceptions
-        amount = amount if _amount.is_traced(amount) else _amount.as_device_amount(amount)
         if joint:
-            return count_traced(amount, sum(sizes))
-        return [count_traced(amount, n) for n in sizes]
-    sizes = [int(n) for n in jax.device_get(sizes)]
+            return _amount.count_on_device(amount, sum(left), max_n=sum(sizes))
+        return [_amount.count_on_device(amount, n, max_n=s) for n, s in zip(left, sizes)]
+    left = [int(n) for n in jax.device_get(left)]
     if joint:
-        return _amount.count(amount, sum(sizes))
+        return _amount.count(amount, sum(left))
     ks = []
-    for i, n in zip(idx, sizes):
+    for i, n in zip(idx, left):
         try:
             ks.append(_amount.count(amount, n))
         except ValueError as e:
-            raise ValueError(f"{tree.paths[i]}: {e}") from None
+            raise ValueError(f"{tree.where(i)}{e}") from None
     return ks
+
+
+def _real_scores(tree: Tree, idx):
+    """Refuse leaves whose scores cannot be ranked by magnitude (complex, non-numeric)."""
+    for i in idx:
+        s = tree.values[i] if tree.scores[i] is None else tree.scores[i]
+        dtype = jnp.result_type(s)
+        if not any(jnp.issubdtype(dtype, t) for t in (jnp.bool_, jnp.integer, jnp.floating)):
+            raise TypeError(f"{tree.where(i)}cannot rank scores of dtype {dtype} by magnitude")
+
+
+def l1_sources(tree: Tree, idx, *, joint: bool):
+    """The L1 sources of the selected leaves, and the width of their keys.
+
+    A global ranking compares every leaf on one scale, as torch's ``torch.cat`` of the scores does:
+    with any floating scores, all are cast to the promoted dtype (float64 ranks in float64, ints
+    beside float32 are rounded to float32); integer scores alone compare exactly (keys widened).
+    """
+    _real_scores(tree, idx)
+    args = [(tree.values[i], tree.masks[i], tree.scores[i]) for i in idx]
+    dtypes = [jnp.result_type(v if s is None else s) for v, _, s in args]
+    if not joint:
+        return [(l1_keys, a) for a in args], [8 * _select_bytes(d) for d in dtypes]
+    if any(jnp.issubdtype(d, jnp.floating) for d in dtypes):
+        common = functools.reduce(jnp.promote_types, dtypes)
+        cast = [
+            (v, m, s) if d == common else (v, m, (v if s is None else s).astype(common))
+            for (v, m, s), d in zip(args, dtypes)
+        ]
+        bits = 8 * _select_bytes(common)
+        return [(l1_keys, a) for a in cast], [bits] * len(args)
+    bits = max(8 * _select_bytes(d) for d in dtypes)
+    fns = [l1_keys if 8 * _select_bytes(d) == bits else l1_keys_wide for d in dtypes]
+    return list(zip(fns, args)), [bits] * len(args)
+
+
+def _select_bytes(dtype) -> int:
+    return jnp.dtype(_select.key_dtype(dtype)).itemsize
 
 
 def run(tree: Tree, idx, amount, *, kind: str, joint: bool, key=None, method: str = "auto"):
     """Prune the selected leaves of ``tree`` (``kind`` "l1" or "random"); returns the masks pytree."""
     if kind == "random" and key is None:
         raise TypeError("random pruning needs an explicit PRNG key: pass key=jax.random.key(0)")
-    k = counts(tree, idx, amount, joint=joint)
     if kind == "random":
+        k = counts(tree, idx, amount, joint=joint)
         bits = random_keys(key, tuple(tree.values[i].shape for i in idx))
         sources = [(candidate_keys, (b, tree.masks[i])) for b, i in zip(bits, idx)]
+        widths = [32] * len(idx)
     else:
-        sources = [(l1_keys, (tree.values[i], tree.masks[i], tree.scores[i])) for i in idx]
-    return tree.with_masks(dict(zip(idx, prune(sources, k, joint=joint, method=method))))
+        sources, widths = l1_sources(tree, idx, joint=joint)
+        k = counts(tree, idx, amount, joint=joint)
+    new = prune(sources, k, joint=joint, bits=widths, method=method)
+    return tree.with_masks(dict(zip(idx, new)))
 
 
-@partial(jax.jit, static_argnames=("keyfns", "joint", "method"))
-def _prune_at_once(keyfns, args, k, *, joint, method):
+@partial(jax.jit, static_argnames=("keyfns", "joint", "bits", "method"))
+def _prune_at_once(keyfns, args, k, *, joint, bits, method):
     sources = list(zip(keyfns, args))
     if joint:
-        return _select.prune_smallest(sources, k, method=method)
-    return [_select.prune_smallest([s], ki, method=method)[0] for s, ki in zip(sources, k)]
+        return _select.prune_smallest(sources, k, bits=bits[0], method=method)
+    return [_select.prune_smallest([s], ki, bits=b, method=method)[0] for s, ki, b in zip(sources, k, bits)]
+
+
+_NATIVE_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def native_inputs(sources):
-    """The CPU kernel's ``(values, masks)`` for these sources, or None if it cannot take them."""
+    """The CPU kernel's ``(values, masks)`` for these sources, or None if it cannot take them.
+
+    It takes float scores of up to 32 bits (keys of ``|x|``) and the 31-bit random keys; every
+    other dtype (uint32 or bool values, integers, float64) takes the XLA path.
+    """
     values, masks = [], []
     for fn, args in sources:
         if fn is l1_keys:
             value, mask, score = args
-            values.append(value if score is None else score)
+            value = value if score is None else score
+            if jnp.result_type(value) not in _NATIVE_FLOATS:
+                return None
         elif fn is candidate_keys:
             value, mask = args
-            values.append(value)
         else:
             return None
+        values.append(value)
         masks.append(mask)
-    if sum(math.prod(jnp.shape(v)) for v in values) >= 2**31:  # counts are int32 in the kernel
-        return None
     return (values, masks) if _cpu.usable(values + [m for m in masks if m is not None]) else None
 
 
-def prune(sources, k, *, joint, method="auto"):
+def prune(sources, k, *, joint, bits=None, method="auto"):
     """Keep masks for the sources: ``k`` pruned per source, or across all of them (``joint``).
 
-    On CPU the native kernel (``_cpu``) takes them when it can. Otherwise, sources that select by
-    histograms run as separate passes (fast on XLA:CPU, see ``_select``); the others, small or
-    sorted, run as one jitted program: one compilation instead of several.
+    ``bits`` is the key width of each source (32 by default). On CPU the native kernel (``_cpu``)
+    takes them when it can. Otherwise, sources that select by histograms run as separate passes
+    (fast on XLA:CPU, see ``_select``); the others, small or sorted, run as one jitted program: one
+    compilation instead of several.
     """
+    bits = tuple(bits or [32] * len(sources))
     native = native_inputs(sources) if method == "auto" else None
     if native is not None:
         return _cpu.prune(*native, k, joint=joint)
     sizes = [math.prod(jnp.shape(args[0])) for _, args in sources]
     if joint:
         if _select.use_histogram(sum(sizes), method):
-            return _select.prune_smallest(sources, k, method=method)
+            return _select.prune_smallest(sources, k, bits=bits[0], method=method)
         return _prune_at_once(
-            tuple(f for f, _ in sources), [a for _, a in sources], k, joint=True, method=method
+            tuple(f for f, _ in sources), [a for _, a in sources], k, joint=True, bits=bits, method=method
         )
     staged = [j for j, n in enumerate(sizes) if _select.use_histogram(n, method)]
-    staged_masks = _select.prune_groups([[sources[j]] for j in staged], [k[j] for j in staged], method=method)
-    out = {j: m for j, (m,) in zip(staged, staged_masks)}
+    out = {}
+    for width in sorted({bits[j] for j in staged}):
+        group = [j for j in staged if bits[j] == width]
+        groups, ks = [[sources[j]] for j in group], [k[j] for j in group]
+        masks = _select.prune_groups(groups, ks, bits=width, method=method)
+        out.update({j: m for j, (m,) in zip(group, masks)})
     rest = [j for j in range(len(sources)) if j not in staged]
     if rest:
         fns, args = tuple(sources[j][0] for j in rest), [sources[j][1] for j in rest]
         ks = jnp.asarray([k[j] for j in rest], jnp.int32)
-        out.update(zip(rest, _prune_at_once(fns, args, ks, joint=False, method=method)))
+        widths = tuple(bits[j] for j in rest)
+        out.update(zip(rest, _prune_at_once(fns, args, ks, joint=False, bits=widths, method=method)))
     return [out[j] for j in range(len(sources))]
 
 
@@ -237,11 +286,11 @@ def global_unstructured(
 
     Examples:
       >>> import jax.numpy as jnp, jprune as jp
-      >>> p = {"a": jnp.array([[1.0, 2.0, 3.0, 4.0], [-4.0, -3.0, -2.0, -1.0]]),
-      ...      "b": jnp.array([[0.0, 0.1, -2.0]])}
-      >>> m = jp.global_unstructured(p, 4)
-      >>> jp.apply_masks(p, m)["b"]
-      Array([[ 0.,  0., -2.]], dtype=float32)
+      >>> p = {"a": {"kernel": jnp.array([[1.0, 2.0, 3.0, 4.0], [-4.0, -3.0, -2.0, -1.0]])},
+      ...      "b": {"kernel": jnp.array([[0.0, 0.1, -2.0]]), "bias": jnp.zeros(3)}}
+      >>> m = jp.global_unstructured(p, 4)  # the kernels, ranked together
+      >>> jp.apply_masks(p, m)["b"]["kernel"], m["b"]["bias"]
+      (Array([[ 0.,  0., -2.]], dtype=float32), None)
     """
     if method not in ("l1", "random"):
         raise ValueError(f"method must be 'l1' or 'random', got {method!r}")

@@ -73,8 +73,11 @@ def test_default_select_is_floating_ndim2_leaves(tree):
 
 
 def test_default_select_skips_integer_leaves_and_bare_arrays_are_pruned():
-    params = {"w": jnp.ones((3, 3)), "idx": jnp.ones((3, 3), jnp.int32), "b": jnp.ones(3)}
-    assert mask_paths(jp.l1_unstructured(params, 1)) == ["w"]
+    params = {"d": {"kernel": jnp.ones((3, 3)), "idx": jnp.ones((3, 3), jnp.int32), "bias": jnp.ones(3)}}
+    assert mask_paths(jp.l1_unstructured(params, 1)) == ["d/kernel"]
+    params["d"]["kernel"] = jnp.ones((3, 3), jnp.int32)  # an integer kernel is not a weight to prune
+    with pytest.raises(ValueError, match="matches no leaf"):
+        jp.l1_unstructured(params, 1)
     assert pruned_count(jp.l1_unstructured(jnp.arange(1.0, 5.0), 1)) == 1  # 1-D bare array
     assert pruned_count(jp.l1_unstructured(jnp.arange(4), 1)) == 1  # integer bare array
 
@@ -339,7 +342,8 @@ def test_traced_amount_eager_jax_scalar():
     w = jnp.asarray(tie_free(np.random.default_rng(0), (10, 10)))
     assert pruned_count(jp.l1_unstructured(w, jnp.float32(0.35))) == 35
     assert pruned_count(jp.l1_unstructured(w, jnp.int32(7))) == 7
-    assert pruned_count(jp.l1_unstructured(w, jnp.int32(700))) == 100  # clipped, no error
+    with pytest.raises(ValueError, match="smaller than the number"):  # validated like 700
+        jp.l1_unstructured(w, jnp.int32(700))
 
 
 def test_python_float_amount_with_traced_masks_uses_host_rule():

@@ -14,10 +14,10 @@ JITS = [pytest.param(jax.jit, id="jit"), pytest.param(lambda f: f, id="eager")]
 def test_zero_size_leaf_is_pruned_to_an_empty_mask(wrap):
     p = {"a": jnp.zeros((0, 3)), "c": jnp.arange(12.0).reshape(3, 4)}
     for fn in (
-        lambda p: jp.l1_unstructured(p, 0.5),
-        lambda p: jp.global_unstructured(p, 0.5),
-        lambda p: jp.ln_structured(p, 0.5, 2, 0),
-        lambda p: jp.random_unstructured(p, 0.5, key=jax.random.key(0)),
+        lambda p: jp.l1_unstructured(p, 0.5, select="*"),
+        lambda p: jp.global_unstructured(p, 0.5, select="*"),
+        lambda p: jp.ln_structured(p, 0.5, 2, 0, select="*"),
+        lambda p: jp.random_unstructured(p, 0.5, key=jax.random.key(0), select="*"),
     ):
         m = wrap(fn)(p)
         assert m["a"].shape == (0, 3) and m["a"].dtype == jnp.bool_
@@ -27,6 +27,6 @@ def test_zero_size_leaf_is_pruned_to_an_empty_mask(wrap):
 def test_global_mixes_dtypes_and_breaks_ties_by_tree_order():
     # bf16 ones tie with c's 1.0: the bf16 leaf comes first in the tree, so its ties go first.
     p = {"b": jnp.ones((2, 3), jnp.bfloat16), "c": jnp.arange(12.0).reshape(3, 4)}
-    m = jp.global_unstructured(p, 5)  # c's 0.0, then 4 of the 7 entries tied at 1.0
+    m = jp.global_unstructured(p, 5, select="*")  # c's 0.0, then 4 of the 7 entries tied at 1.0
     np.testing.assert_array_equal(np.asarray(m["b"]).ravel(), [False] * 4 + [True] * 2)
     np.testing.assert_array_equal(np.asarray(m["c"]).ravel(), np.arange(12) > 0)

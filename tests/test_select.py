@@ -17,11 +17,12 @@ from jprune import _select
 METHODS = ["hist", "sort"]
 
 
-def reference(keys_list, k):
-    """The k smallest keys across the list, ties by flat index (a stable argsort)."""
+def reference(keys_list, k, cands=None):
+    """The k smallest candidate keys across the list, ties by flat index (a stable sort)."""
     flat = np.concatenate([np.asarray(x).ravel() for x in keys_list])
+    cand = np.ones(flat.size, bool) if cands is None else np.concatenate([c.ravel() for c in cands])
     sel = np.zeros(flat.size, bool)
-    sel[np.argsort(flat, kind="stable")[:k]] = True
+    sel[np.lexsort((flat, ~cand))[:k]] = True  # candidates first, by key, then by index
     out, off = [], 0
     for x in keys_list:
         out.append(sel[off : off + x.size].reshape(x.shape))
@@ -29,30 +30,42 @@ def reference(keys_list, k):
     return out
 
 
-def selected(keys_list, k, method, jit=True):
-    """The entries ``prune_smallest`` chooses: candidates (key < SENTINEL) that it does not keep."""
-    sources = lambda ks: [(_select.given, (x,)) for x in ks]  # noqa: E731
+def selected(keys_list, cands, k, method, jit=True):
+    """The entries ``prune_smallest`` chooses: candidates that it does not keep."""
 
-    def f(ks, k):
-        keeps = _select.prune_smallest(sources(ks), k, method=method)
-        return [(x != jnp.uint32(_select.SENTINEL)) & ~keep for x, keep in zip(ks, keeps)]
+    def f(ks, cs, k):
+        bits = 8 * ks[0].dtype.itemsize
+        keeps = _select.prune_smallest(
+            [(_select.given, kc) for kc in zip(ks, cs)], k, bits=bits, method=method
+        )
+        return [~keep if c is None else c & ~keep for c, keep in zip(cs, keeps)]
 
-    return f(keys_list, k) if not jit else _JITTED[method](keys_list, k)
+    return f(keys_list, cands, k) if not jit else _JITTED[method](keys_list, cands, k)
 
 
-_JITTED = {m: jax.jit(lambda ks, k, m=m: selected(ks, k, m, jit=False)) for m in METHODS}
+_JITTED = {m: jax.jit(lambda ks, cs, k, m=m: selected(ks, cs, k, m, jit=False)) for m in METHODS}
 
 
-def run(keys_list, k, method, jit=True):
-    got = selected([jnp.asarray(x, jnp.uint32) for x in keys_list], jnp.int32(k), method, jit)
+def run(keys_list, k, method, jit=True, cands=None, dtype=jnp.uint32):
+    cands = cands or [None] * len(keys_list)
+    keys = [jnp.asarray(x, dtype) for x in keys_list]
+    got = selected(keys, [None if c is None else jnp.asarray(c) for c in cands], jnp.int32(k), method, jit)
     return [np.asarray(m) for m in got]
 
 
+PAD = np.uint32(0xFFFFFFFF)
+
+
 def padded(values, size):
-    """``values`` followed by SENTINEL keys up to ``size``: one shape, one compilation."""
-    out = np.full(size, _select.SENTINEL, np.uint32)
+    """``values`` followed by non-candidates up to ``size`` (one shape, one compilation): the
+    keys, with the padding's keys at the maximum."""
+    out = np.full(size, PAD, np.uint32)
     out[: len(values)] = values
     return out
+
+
+def candidates(values, size):
+    return np.arange(size) < len(values)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -81,11 +94,39 @@ def test_smallest_keys_sharing_the_high_digit(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_sentinel_keys_are_never_chosen_up_to_the_candidate_count(method):
-    keys = np.array([5, _select.SENTINEL, 3, _select.SENTINEL, 9], np.uint32)
+def test_non_candidates_are_never_chosen_up_to_the_candidate_count(method):
+    keys = np.array([5, 0, 3, 2**32 - 1, 9], np.uint32)
+    cand = np.array([True, False, True, False, True])
     for k, want in [(0, []), (1, [2]), (2, [0, 2]), (3, [0, 2, 4])]:
-        (got,) = run([keys], k, method)
+        (got,) = run([keys], k, method, cands=[cand])
         assert np.flatnonzero(got).tolist() == want
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_uint32_key_is_a_real_key(method):
+    """The largest uint32 is an ordinary key (candidates are a separate mask, no sentinel key)."""
+    keys = np.array([2**32 - 1, 5, 2**32 - 2, 7, 2**31], np.uint32)
+    for k in range(6):
+        (got,) = run([keys], k, method)
+        np.testing.assert_array_equal(got, reference([keys], k)[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_uint64_keys_rank_by_all_64_bits(method):
+    """Keys differing only below bit 32, or only above it, and the largest uint64: four 16-bit
+    histogram levels (or a uint64 sort) find the exact k-th key."""
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        hi = rng.integers(0, 2**32, 40, dtype=np.uint64) << np.uint64(32)
+        keys = np.concatenate(
+            [hi[:20] | np.uint64(7), np.uint64(3 << 32) | rng.integers(0, 8, 30, dtype=np.uint64)]
+        )
+        keys = np.concatenate([keys, np.array([2**64 - 1, 0], np.uint64)])
+        parts = [keys[:25], keys[25:].reshape(9, 3)]
+        for k in (0, 1, 5, 20, 31, 52):
+            got = run(parts, k, method, dtype=jnp.uint64)
+            for g, w in zip(got, reference(parts, k)):
+                np.testing.assert_array_equal(g, w)
 
 
 def test_hist_and_sort_agree_on_a_large_input():
@@ -127,9 +168,11 @@ def test_abs_keys_bf16_and_f16_ties():
 
 
 def test_too_many_entries_error_is_static():
-    big = jax.ShapeDtypeStruct((_select.SENTINEL,), jnp.uint32)
-    with pytest.raises(ValueError, match="at most"):
-        _select.prune_smallest([(_select.given, (big,))], 1)
+    """Counts are int32: a group of 2**31 entries (or a bigger one) is refused before any pass."""
+    for n in (2**31, 2**32 - 1, 2**32 + 5):
+        big = jax.ShapeDtypeStruct((n,), jnp.uint32)
+        with pytest.raises(ValueError, match="at most 2147483647"):
+            _select.prune_smallest([(_select.given, (big,))], 1)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -151,7 +194,7 @@ def test_bad_method():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    data=st.lists(st.integers(0, 2**32 - 2), min_size=1, max_size=200),
+    data=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=200),
     split=st.integers(0, 200),
     kfrac=st.floats(0, 1),
     method=st.sampled_from(METHODS),
@@ -160,8 +203,10 @@ def test_smallest_property(data, split, kfrac, method):
     keys = np.array(data, np.uint32)
     split = min(split, keys.size)
     parts = [padded(keys[:split], 200), padded(keys[split:], 200)]
+    cands = [candidates(keys[:split], 200), candidates(keys[split:], 200)]
     k = round(kfrac * keys.size)  # never beyond the real keys: the padding is not selected
-    for g, w in zip(run(parts, k, method), reference(parts, k)):
+    want = reference(parts, k, cands)
+    for g, w in zip(run(parts, k, method, cands=cands), want):
         np.testing.assert_array_equal(g, w)
 
 
@@ -174,6 +219,6 @@ def test_tie_free_selection_equals_torch_topk(seed, n, kfrac):
     k = round(kfrac * n)
     want = np.zeros(300, bool)
     want[torch.topk(torch.tensor(x).abs(), k, largest=False).indices.numpy()] = True
-    keys = padded(np.asarray(_select.abs_keys(jnp.asarray(x))), 300)
-    (got,) = run([keys], k, "sort")
+    real = np.asarray(_select.abs_keys(jnp.asarray(x)))
+    (got,) = run([padded(real, 300)], k, "sort", cands=[candidates(real, 300)])
     np.testing.assert_array_equal(got, want)

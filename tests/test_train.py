@@ -287,9 +287,12 @@ def test_polynomial_power_and_jit():
         ({"initial_sparsity": -0.1}, "initial_sparsity must be a fraction"),
         ({"initial_sparsity": 0.95}, "initial_sparsity must be <= final_sparsity"),
         ({"end_step": 0}, "begin_step < end_step"),
-        ({"begin_step": -1}, "begin_step < end_step"),
+        ({"begin_step": -1}, "begin_step must be an integer >= 0"),
         ({"frequency": 0}, "frequency must be an integer >= 1"),
-        ({"power": 0}, "power must be > 0"),
+        ({"power": 0}, "power must be a finite number > 0"),
+        ({"power": float("nan")}, "power must be a finite number > 0"),
+        ({"power": float("inf")}, "power must be a finite number > 0"),
+        ({"final_sparsity": float("nan")}, "final_sparsity must be a fraction"),
     ],
 )
 def test_polynomial_validation(kwargs, match):
@@ -303,7 +306,7 @@ def test_constant_and_one_shot_validation():
         constant_sparsity(-0.5)
     with pytest.raises(ValueError, match="sparsity must be a fraction"):
         one_shot_sparsity(2.0, step=1)
-    with pytest.raises(ValueError, match="step must be >= 0"):
+    with pytest.raises(ValueError, match="step must be an integer >= 0"):
         one_shot_sparsity(0.5, step=-3)
 
 

@@ -47,7 +47,7 @@ def test_prune_to_sparsity_ranks_by_effective_weights():
     # the count is of the whole leaf, not of what remains.
     w = jnp.array([[100.0, 1.0, 2.0, 3.0, 4.0]])
     masks = {"w": jnp.array([[False, True, True, True, True]])}
-    new = jp.prune_to_sparsity({"w": w}, 0.4, masks=masks)
+    new = jp.prune_to_sparsity({"w": w}, 0.4, masks=masks, select="w")
     assert np.asarray(new["w"]).tolist() == [[False, False, True, True, True]]
 
 
@@ -55,12 +55,13 @@ def test_prune_to_sparsity_exact_count_with_zero_weights_left():
     # Kept weights that are exactly 0 tie with the pruned ones; the count stays exact anyway.
     w = {"w": jnp.array([[0.0, 0.0, 3.0, 4.0, 5.0]])}
     masks = {"w": jnp.array([[True, True, False, True, True]])}
-    new = jp.prune_to_sparsity(w, 0.4, masks=masks)
+    new = jp.prune_to_sparsity(w, 0.4, masks=masks, select="w")
     assert np.asarray(new["w"]).tolist() == [[False, True, False, True, True]]
     # A target below what is already pruned prunes nothing more (nothing comes back).
-    assert np.asarray(jp.prune_to_sparsity(w, 0.0, masks=new)["w"]).tolist() == np.asarray(new["w"]).tolist()
+    again = jp.prune_to_sparsity(w, 0.0, masks=new, select="w")["w"]
+    assert np.asarray(again).tolist() == np.asarray(new["w"]).tolist()
     with pytest.raises(ValueError, match="sparsity must be a fraction"):
-        jp.prune_to_sparsity(w, 1.5)
+        jp.prune_to_sparsity(w, 1.5, select="w")
 
 
 def test_prune_to_sparsity_per_layer():
