@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from ._tree import Tree, effective, path_str
+from ._tree import Tree, effective, is_array, path_str
 
 
 def apply_masks(params, masks):
@@ -30,7 +30,9 @@ def apply_masks(params, masks):
       {'b': Array([3.], dtype=float32), 'w': Array([ 1., -0.], dtype=float32)}
     """
     tree = Tree(params, masks)
-    return tree.treedef.unflatten([effective(v, m) for v, m in zip(tree.values, tree.masks)])
+    return tree.treedef.unflatten(
+        [effective(v, m) if is_array(v) else v for v, m in zip(tree.values, tree.masks)]
+    )
 
 
 def remove(params, masks):
@@ -135,6 +137,6 @@ def sparsity(masks, params=None) -> SparsityReport:
         items = [(path_str(p), m, np.size(m)) for p, m in flat if m is not None]
     else:
         tree = Tree(params, masks)
-        items = [(p, m, v.size) for p, v, m in zip(tree.paths, tree.values, tree.masks)]
+        items = [(p, m, v.size) for p, v, m in zip(tree.paths, tree.values, tree.masks) if is_array(v)]
     counts = jax.device_get([np.size(m) - m.sum() if m is not None else 0 for _, m, _ in items])
     return SparsityReport(tuple(Row(p, int(np.asarray(c)), int(n)) for (p, _, n), c in zip(items, counts)))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _amount
+from . import _amount, _select
 from ._tree import Tree, path_str
 from ._unstructured import global_unstructured, l1_unstructured
 
@@ -437,8 +437,11 @@ def prune_to_sparsity(
         raise ValueError(f'scope must be "global" or "layer", got {scope!r}')
     tree = Tree(params, masks)
     idx = tree.select(select)
+    for i in idx:
+        _select.check_group_size(tree.values[i].size, tree.where(i))
     if scope == "global":
         n = sum(tree.values[i].size for i in idx)
+        _select.check_group_size(n)
         k = _target_count(sparsity, n) - _pruned_count([tree.masks[i] for i in idx])
         return global_unstructured(params, jnp.maximum(k, 0), masks=masks, select=select)
     for i in idx:  # leaf by leaf: each gets its own count
