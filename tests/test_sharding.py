@@ -49,6 +49,11 @@ SCRIPT = textwrap.dedent(
         assert not gathers, gathers  # counts are reductions: only histograms cross devices
         assert re.search(r"all-reduce[^\\n]*s32\\[65536\\]", hlo)
 
+    # identity's all-True masks keep the params' sharding (a jitted step then compiles once).
+    ident = jp.identity(sharded)
+    for k in ("a", "b"):
+        assert ident[k]["kernel"].sharding.is_equivalent_to(sharded[k]["kernel"].sharding, 2)
+
     # Eagerly, sharded params take the XLA path; on one device, the native CPU kernel: same masks.
     from jprune import _cpu
     assert not _cpu.usable([sharded_ties["a"]["kernel"]])
