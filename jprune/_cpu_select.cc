@@ -1,24 +1,39 @@
 // Exact k-smallest selection on CPU: the XLA FFI handler behind jprune/_cpu.py.
 //
-// A *leaf* is a float32 array (key: the bits of |x|, NaN above inf) or a uint32 key array, with an
-// optional bool mask of candidates (non-candidates get the sentinel key 0xFFFFFFFF, never chosen).
-// Real keys are below 2^31. A *group* of leaves loses exactly its k smallest keys, ties broken by
-// flat index through the group's leaves in order, lowest first (jprune/_select.py, same rule).
+// A *leaf* is a float32, bfloat16 or float16 array (key: the bits of |x| as a float32, so leaves of
+// mixed float dtypes rank on one scale; NaN above inf) or a uint32 key array, with an optional bool
+// mask of candidates (non-candidates get the sentinel key 0xFFFFFFFF, never chosen). Real keys are
+// below 2^31. A *group* of leaves loses exactly its k smallest keys, ties broken by flat index
+// through the group's leaves in order, lowest first (jprune/_select.py, same rule).
 //
-// Two passes per group: a histogram of the high 16 key bits finds the bucket holding the k-th
-// key; then one pass writes the keep mask of every entry outside that bucket (kept above it,
-// pruned below) and gathers the bucket's few keys with their positions. The k-th key is found among
-// those, and their masks are written last, ties in flat order. Groups of at most 2^14 entries
-// skip the histogram and gather every key. Work is split over XLA's intra-op thread pool: chunks of
-// one group (with per-thread histograms), or whole groups when there are several.
+// Per group, a histogram of the high 16 key bits finds the bucket holding the k-th key. Then:
+// - a small bucket (the usual case): one pass writes the keep mask of every entry outside it
+//   (kept above, pruned below) and gathers the bucket's few keys with their positions; the k-th key
+//   is found among those, and their masks are written last, ties in flat order;
+// - a large bucket (ties: after `remove`, half a leaf can be exact zeros): no gathering. The k-th key
+//   t is exact zero if the zeros counted by the histogram pass reach it, else a histogram of the low
+//   16 bits inside the bucket finds it; one pass writes every mask with all ties at t on the same
+//   side, counting ties per chunk, and a last pass over only the chunks on the cheaper side of the
+//   tie boundary moves the ties that belong to the other side.
+// Groups of at most 2^14 entries skip the histogram and gather every key. Work is split over XLA's
+// intra-op thread pool: chunks of one group (with per-thread histograms), or whole groups when
+// there are several.
+//
+// Errors: no C++ exception leaves the handler (an allocation failure, here or in a pool task,
+// becomes an ffi::Error, i.e. a Python exception); XLA's FFI versioning is described in setup.py.
 
 #include <Python.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -31,19 +46,52 @@ namespace ffi = xla::ffi;
 #include <immintrin.h>
 #endif
 
+#ifndef JPRUNE_JAXLIB_VERSION  // set by setup.py: the jaxlib whose FFI headers built this file
+#define JPRUNE_JAXLIB_VERSION "unknown"
+#endif
+
 namespace {
 
 constexpr uint32_t kSentinel = 0xFFFFFFFFu;
 constexpr int64_t kBins = 1 << 16;
+constexpr int64_t kLanes = 16;       // extra histogram slots that count exact zeros (see Histogram)
 constexpr int64_t kChunk = 1 << 18;  // entries per work item
 constexpr int64_t kSmall = 1 << 14;  // groups up to this size skip the histogram
+constexpr int64_t kGatherShare = 64;  // gather a bucket of at most total / kGatherShare entries
+
+// How a leaf's entries become keys.
+enum class Kind : uint8_t { kF32, kU32, kBF16, kF16 };
+
+// The float32 key (bits of |x|) of a float16 value as XLA converts it: normal values rebias their
+// exponent, subnormals become normal float32s (integer arithmetic only: no FTZ/DAZ mode can flush
+// them), and a NaN keeps its payload with the quiet bit set (XLA's convert quiets a signaling NaN;
+// numpy's astype does not, so numpy's keys differ for those 1022 bit patterns only).
+inline uint32_t F16Key(uint32_t h) {
+  const uint32_t a = h & 0x7FFFu;
+  const uint32_t e = a >> 10;
+  if (e == 0x1F) return ((a << 13) + (224u << 23)) | ((a & 0x3FFu) ? 0x00400000u : 0u);
+  if (e != 0) return (a << 13) + (112u << 23);
+  if (a == 0) return 0;
+  const float f = static_cast<float>(a);  // exact: a < 2^10
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits - (24u << 23);  // a * 2^-24
+}
+
+template <Kind K>
+inline uint32_t KeyAt(const void* data, int64_t i) {
+  if constexpr (K == Kind::kF32) return static_cast<const uint32_t*>(data)[i] & 0x7FFFFFFFu;
+  if constexpr (K == Kind::kU32) return static_cast<const uint32_t*>(data)[i];
+  if constexpr (K == Kind::kBF16) return (static_cast<uint32_t>(static_cast<const uint16_t*>(data)[i]) & 0x7FFFu) << 16;
+  if constexpr (K == Kind::kF16) return F16Key(static_cast<const uint16_t*>(data)[i]);
+}
 
 struct Leaf {
-  const uint32_t* bits;  // float32 bit patterns, or uint32 keys
-  const bool* mask;      // candidates; nullptr: every entry is one
-  bool* keep;            // the result
+  const void* data;  // float32/uint32 or 16-bit float bit patterns
+  const bool* mask;  // candidates; nullptr: every entry is one
+  bool* keep;        // the result
   int64_t n;
-  uint32_t clear;  // 0x7FFFFFFF takes |x| of a float; 0xFFFFFFFF leaves a key as it is
+  Kind kind;
 };
 
 struct Chunk {
@@ -52,37 +100,66 @@ struct Chunk {
 };
 
 // Calls f(i, key) for the entries of a chunk.
-template <class F>
-inline void ForKeys(const Chunk& c, F&& f) {
-  const uint32_t* bits = c.leaf->bits;  // locals: stores through f cannot alias them
+template <Kind K, class F>
+inline void ForKeysOf(const Chunk& c, F&& f) {
+  const void* data = c.leaf->data;  // locals: stores through f cannot alias them
   const bool* mask = c.leaf->mask;
-  const uint32_t clear = c.leaf->clear;
   const int64_t end = c.end;
   if (mask) {
-    for (int64_t i = c.begin; i < end; ++i) f(i, mask[i] ? (bits[i] & clear) : kSentinel);
+    for (int64_t i = c.begin; i < end; ++i) f(i, mask[i] ? KeyAt<K>(data, i) : kSentinel);
   } else {
-    for (int64_t i = c.begin; i < end; ++i) f(i, bits[i] & clear);
+    for (int64_t i = c.begin; i < end; ++i) f(i, KeyAt<K>(data, i));
   }
 }
 
+template <class F>
+inline void ForKeys(const Chunk& c, F&& f) {
+  switch (c.leaf->kind) {
+    case Kind::kF32:
+      return ForKeysOf<Kind::kF32>(c, f);
+    case Kind::kU32:
+      return ForKeysOf<Kind::kU32>(c, f);
+    case Kind::kBF16:
+      return ForKeysOf<Kind::kBF16>(c, f);
+    case Kind::kF16:
+      return ForKeysOf<Kind::kF16>(c, f);
+  }
+}
+
+// Test hook, the call's `fault` attribute (0 in every real call): 1 throws std::bad_alloc on the
+// calling thread, 2 in every work item, pool tasks included (ParallelFor).
+thread_local int64_t t_fault = 0;
+
 // Runs f(item, slot) for items [0, n) on up to `workers` threads: this one (slot 0) and pool tasks
 // (slots 1..). Items are claimed from a shared counter, so a pool task that starts late, or never,
-// costs nothing; this thread returns once every claimed item is done.
+// costs nothing; this thread returns once every claimed item is done. An exception in any item is
+// caught where it happens (it must not unwind a pool thread) and rethrown here once all are done.
 template <class F>
 void ParallelFor(ffi::ThreadPool* pool, int workers, int64_t n, const F& f) {
+  const int64_t fault = t_fault;
   if (pool == nullptr || workers <= 1 || n <= 1) {
-    for (int64_t i = 0; i < n; ++i) f(i, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (fault == 2) throw std::bad_alloc();
+      f(i, 0);
+    }
     return;
   }
   struct State {
     std::atomic<int64_t> next{0}, done{0};
     std::atomic<int> slot{1};
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;  // the first one, written by whoever set `failed`
   };
   auto state = std::make_shared<State>();
   const F* fn = &f;  // only dereferenced for claimed items, while this frame waits for them
-  auto work = [state, n, fn](int slot) {
+  auto work = [state, n, fn, fault](int slot) {
     for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      (*fn)(i, slot);
+      try {
+        if (fault == 2) throw std::bad_alloc();
+        if (!state->failed.load(std::memory_order_relaxed)) (*fn)(i, slot);
+      } catch (...) {
+        if (!state->failed.exchange(true)) state->error = std::current_exception();
+      }
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -91,6 +168,7 @@ void ParallelFor(ffi::ThreadPool* pool, int workers, int64_t n, const F& f) {
   }
   work(0);
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  if (state->failed.load()) std::rethrow_exception(state->error);
 }
 
 // A uint32 buffer that is not zero-filled when it grows, reused across calls: fresh large
@@ -107,23 +185,43 @@ class Scratch {
   }
   ~Scratch() {
     std::lock_guard<std::mutex> lock(mu_);
-    if (buf_ && cap_ <= (1 << 18) && free_.size() < 128) free_.emplace_back(std::move(buf_), cap_);
+    if (buf_ && cap_ <= (1 << 18) && free_.size() < 128) {
+      try {
+        free_.emplace_back(std::move(buf_), cap_);
+      } catch (...) {  // no room to keep it: just free it
+      }
+    }
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Scratch(Scratch&& other) noexcept : buf_(std::move(other.buf_)), cap_(other.cap_), size(other.size) {
+    other.cap_ = other.size = 0;
   }
   uint32_t* data() { return buf_.get(); }
   const uint32_t* begin() const { return buf_.get(); }
   const uint32_t* end() const { return buf_.get() + size; }
   void Reserve(size_t n) {  // keeps the first `size` entries
     if (n <= cap_) return;
-    cap_ = std::max(n, 2 * cap_);
-    std::unique_ptr<uint32_t[]> bigger(new uint32_t[cap_]);
+    const size_t cap = std::max(n, 2 * cap_);
+    std::unique_ptr<uint32_t[]> bigger(new uint32_t[cap]);
     std::copy(begin(), end(), bigger.get());
     buf_ = std::move(bigger);
+    cap_ = cap;
   }
-  size_t size = 0;
+  void Zero(size_t n) {  // n zeros
+    Reserve(n);
+    std::fill(data(), data() + n, 0u);
+    size = n;
+  }
 
  private:
   std::unique_ptr<uint32_t[]> buf_;
   size_t cap_ = 0;
+
+ public:
+  size_t size = 0;
+
+ private:
   static inline std::mutex mu_;
   static inline std::vector<std::pair<std::unique_ptr<uint32_t[]>, size_t>> free_;
 };
@@ -174,40 +272,129 @@ void Split(const Chunk& c, uint32_t lo, uint32_t hi, Undecided& out) {
   }
 }
 
+// One pass that writes every mask of a chunk once the k-th key t is known: kept above t, pruned
+// below, ties at t kept if `ties_kept` (a later pass moves the ones that belong to the other side).
+// Returns the number of ties in the chunk.
+int64_t Write(const Chunk& c, uint32_t t, bool ties_kept) {
+  bool* keep = c.leaf->keep;
+  int64_t ties = 0;
+  for (int64_t b = c.begin; b < c.end; b += 64) {
+    const Chunk block{c.leaf, b, std::min(c.end, b + 64)};
+    int32_t n = 0;
+    ForKeys(block, [keep, &n, t, ties_kept](int64_t i, uint32_t key) {
+      keep[i] = ((key > t) | ((key == t) & ties_kept)) & (key != kSentinel);
+      n += key == t;
+    });
+    ties += n;
+  }
+  return ties;
+}
+
+// Sets keep = `value` for the ties at t of a chunk whose ordinal (in flat order, from 0) is in
+// [from, to); `all`: that is every tie of the chunk.
+void MoveTies(const Chunk& c, uint32_t t, int64_t from, int64_t to, bool all, bool value) {
+  bool* keep = c.leaf->keep;
+  if (all) {  // branch-free, vectorizable
+    ForKeys(c, [keep, t, value](int64_t i, uint32_t key) {
+      keep[i] = key == t ? value : keep[i];
+    });
+    return;
+  }
+  int64_t j = 0;
+  ForKeys(c, [keep, t, value, from, to, &j](int64_t i, uint32_t key) {
+    if (key == t) {
+      if (j >= from && j < to) keep[i] = value;
+      ++j;
+    }
+  });
+}
+
+// Adds the high 16 bits of a chunk's keys to a histogram of kBins + kLanes slots. Exact zeros go to
+// the kLanes slots after the bins, one per position mod kLanes, instead of bin 0: after `remove`
+// half a leaf can be zeros, and incrementing one counter per entry would make every increment wait
+// for the previous one. So bin 0 counts the nonzero keys of bucket 0, and the zeros are the sum of
+// the extra slots.
+void Histogram(const Chunk& c, uint32_t* h) {
+  ForKeys(c, [h](int64_t i, uint32_t key) {
+    const uint32_t zero = -static_cast<uint32_t>(key == 0);  // all ones for a zero: no branch
+    ++h[(key >> 16) + (zero & static_cast<uint32_t>(kBins + (i & (kLanes - 1))))];
+  });
+}
+
+// Adds the low 16 bits of the chunk's keys in `bucket` to a histogram (others to a spare slot).
+void HistogramLow(const Chunk& c, uint32_t bucket, uint32_t* h) {
+  ForKeys(c, [h, bucket](int64_t i, uint32_t key) {
+    const uint32_t other = -static_cast<uint32_t>((key >> 16) != bucket);  // no branch
+    ++h[(key & 0xFFFF & ~other) | (other & static_cast<uint32_t>(kBins + (i & (kLanes - 1))))];
+  });
+}
+
 #ifdef JPRUNE_AVX512
+#define JPRUNE_TARGET __attribute__((target("avx512f")))
+
+// 16 keys from entry i: the same keys as KeyAt, candidates masked to the sentinel.
+template <Kind K>
+JPRUNE_TARGET inline __m512i Load16(const Leaf& l, int64_t i) {
+  const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512i key;
+  if constexpr (K == Kind::kF32 || K == Kind::kU32) {
+    key = _mm512_loadu_si512(static_cast<const uint32_t*>(l.data) + i);
+    if constexpr (K == Kind::kF32) key = _mm512_and_si512(key, abs);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(l.data) + i));
+    const __m512i a = _mm512_and_si512(_mm512_cvtepu16_epi32(h), _mm512_set1_epi32(0x7FFF));
+    if constexpr (K == Kind::kBF16) {
+      key = _mm512_slli_epi32(a, 16);
+    } else {  // F16Key, lane by lane
+      const __m512i shifted = _mm512_slli_epi32(a, 13);
+      const __m512i e = _mm512_srli_epi32(a, 10);
+      key = _mm512_add_epi32(shifted, _mm512_set1_epi32(112 << 23));
+      const __mmask16 special = _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(0x1F));
+      key = _mm512_mask_add_epi32(key, special, shifted, _mm512_set1_epi32(static_cast<int>(224u << 23)));
+      const __mmask16 nan = _mm512_mask_test_epi32_mask(special, a, _mm512_set1_epi32(0x3FF));
+      key = _mm512_mask_or_epi32(key, nan, key, _mm512_set1_epi32(0x00400000));  // quiet, as XLA
+      const __mmask16 sub = _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512());
+      const __mmask16 nonzero = _mm512_test_epi32_mask(a, a);
+      const __m512i f = _mm512_castps_si512(_mm512_cvtepi32_ps(a));  // exact: a < 2^10 here
+      key = _mm512_mask_mov_epi32(key, sub, _mm512_setzero_si512());
+      key = _mm512_mask_sub_epi32(key, sub & nonzero, f, _mm512_set1_epi32(24 << 23));
+    }
+  }
+  if (l.mask) {
+    const __m128i m8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(l.mask + i));
+    const __m512i m = _mm512_cvtepu8_epi32(m8);
+    key = _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), _mm512_test_epi32_mask(m, m), key);
+  }
+  return key;
+}
+
+JPRUNE_TARGET inline void Store16(bool* keep, __mmask16 kept) {
+  const __m128i kept8 = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(kept, _mm512_set1_epi32(1)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(keep), kept8);
+}
+
 // Split with AVX-512F intrinsics: 16 keys a step, the bracketed ones compress-stored (about 15 %
 // faster overall than the compiler's own AVX-512 vectorization of Split).
-__attribute__((target("avx512f"))) void SplitAvx512(const Chunk& c, uint32_t lo, uint32_t hi,
-                                                     Undecided& out) {
-  const uint32_t* bits = c.leaf->bits;
-  const bool* mask = c.leaf->mask;
-  bool* keep = c.leaf->keep;
-  const __m512i clear = _mm512_set1_epi32(static_cast<int>(c.leaf->clear));
+template <Kind K>
+JPRUNE_TARGET void SplitAvx512(const Chunk& c, uint32_t lo, uint32_t hi, Undecided& out) {
+  const Leaf& leaf = *c.leaf;
+  bool* keep = leaf.keep;
   const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo));
   const __m512i vhi = _mm512_set1_epi32(static_cast<int>(hi));
   const __m512i span = _mm512_set1_epi32(static_cast<int>(hi - lo));
   const __m512i sentinel = _mm512_set1_epi32(-1);
-  const __m512i one = _mm512_set1_epi32(1);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t i = c.begin, below = 0;
   for (; i + 16 <= c.end; i += 16) {
-    __m512i key = _mm512_and_si512(_mm512_loadu_si512(bits + i), clear);
-    if (mask) {
-      const __m128i m8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
-      const __m512i m = _mm512_cvtepu8_epi32(m8);
-      key = _mm512_mask_mov_epi32(sentinel, _mm512_test_epi32_mask(m, m), key);
-    }
+    const __m512i key = Load16<K>(leaf, i);
     const __mmask16 above = _mm512_cmpgt_epu32_mask(key, vhi);
-    const __mmask16 kept = _mm512_mask_cmpneq_epu32_mask(above, key, sentinel);
-    const __m128i kept8 = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(kept, one));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + i), kept8);
+    Store16(keep + i, _mm512_mask_cmpneq_epu32_mask(above, key, sentinel));
     below += __builtin_popcount(_mm512_cmplt_epu32_mask(key, vlo));
     const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(key, vlo), span);
     if (in) {
       out.keys.Reserve(out.keys.size + 16);
       out.offsets.Reserve(out.offsets.size + 16);
-      const __m512i offset =
-          _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(i - c.begin)));
+      const __m512i offset = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(i - c.begin)));
       _mm512_mask_compressstoreu_epi32(out.keys.data() + out.keys.size, in, key);
       _mm512_mask_compressstoreu_epi32(out.offsets.data() + out.offsets.size, in, offset);
       out.keys.size = out.offsets.size = out.keys.size + __builtin_popcount(in);
@@ -220,6 +407,52 @@ __attribute__((target("avx512f"))) void SplitAvx512(const Chunk& c, uint32_t lo,
   const uint32_t shift = static_cast<uint32_t>(i - c.begin);
   for (size_t j = before; j < out.offsets.size; ++j) out.offsets.data()[j] += shift;
 }
+
+// Write with AVX-512F intrinsics.
+template <Kind K>
+JPRUNE_TARGET int64_t WriteAvx512(const Chunk& c, uint32_t t, bool ties_kept) {
+  const Leaf& leaf = *c.leaf;
+  bool* keep = leaf.keep;
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  const __m512i sentinel = _mm512_set1_epi32(-1);
+  int64_t i = c.begin, ties = 0;
+  for (; i + 16 <= c.end; i += 16) {
+    const __m512i key = Load16<K>(leaf, i);
+    const __mmask16 eq = _mm512_cmpeq_epi32_mask(key, vt);
+    __mmask16 kept = _mm512_mask_cmpneq_epu32_mask(_mm512_cmpgt_epu32_mask(key, vt), key, sentinel);
+    if (ties_kept) kept |= eq;  // t is a real key, never the sentinel
+    Store16(keep + i, kept);
+    ties += __builtin_popcount(eq);
+  }
+  return ties + Write({c.leaf, i, c.end}, t, ties_kept);
+}
+
+void SplitFast(const Chunk& c, uint32_t lo, uint32_t hi, Undecided& out) {
+  switch (c.leaf->kind) {
+    case Kind::kF32:
+      return SplitAvx512<Kind::kF32>(c, lo, hi, out);
+    case Kind::kU32:
+      return SplitAvx512<Kind::kU32>(c, lo, hi, out);
+    case Kind::kBF16:
+      return SplitAvx512<Kind::kBF16>(c, lo, hi, out);
+    case Kind::kF16:
+      return SplitAvx512<Kind::kF16>(c, lo, hi, out);
+  }
+}
+
+int64_t WriteFast(const Chunk& c, uint32_t t, bool ties_kept) {
+  switch (c.leaf->kind) {
+    case Kind::kF32:
+      return WriteAvx512<Kind::kF32>(c, t, ties_kept);
+    case Kind::kU32:
+      return WriteAvx512<Kind::kU32>(c, t, ties_kept);
+    case Kind::kBF16:
+      return WriteAvx512<Kind::kBF16>(c, t, ties_kept);
+    case Kind::kF16:
+      return WriteAvx512<Kind::kF16>(c, t, ties_kept);
+  }
+  return 0;
+}
 #endif
 
 bool HasAvx512() {
@@ -231,17 +464,11 @@ bool HasAvx512() {
 #endif
 }
 
-// Adds the high 16 bits of a chunk's keys to a histogram.
-void Histogram(const Chunk& c, uint32_t* h) {
-  ForKeys(c, [h](int64_t, uint32_t key) { ++h[key >> 16]; });
-}
-
 class Group {
  public:
-  // `simd`: split with AVX-512 where the CPU has it (the masks are the same either way).
+  // `simd`: use AVX-512 where the CPU has it (the masks are the same either way).
   Group(std::vector<Leaf*> leaves, ffi::ThreadPool* pool, int workers, bool simd)
-      : leaves_(std::move(leaves)), chunks_(Chunks(leaves_)), parts_(chunks_.size()), pool_(pool),
-        avx512_(simd && HasAvx512()) {
+      : leaves_(std::move(leaves)), chunks_(Chunks(leaves_)), pool_(pool), avx512_(simd && HasAvx512()) {
     for (const Leaf* l : leaves_) total_ += l->n;
     const int64_t nc = static_cast<int64_t>(chunks_.size());
     workers_ = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(workers, nc)));
@@ -250,17 +477,31 @@ class Group {
   // Prunes the k smallest keys, ties by flat index (k clamped to the candidates).
   void Prune(int64_t k) {
     k = std::max<int64_t>(k, 0);
-    int64_t below = 0, bracketed = 0;
     if (total_ <= kSmall) {  // a small group brackets every key
+      int64_t below = 0, bracketed = 0;
       SplitAll(0, kMaxKey, &below, &bracketed);
       k = std::min(k, bracketed);
-    } else {  // a histogram finds the high 16 bits of the k-th key: bracket that bucket
-      uint32_t lo = 0, hi = 0;  // k == 0: the keys of 0, all kept
-      const uint32_t bucket = k > 0 ? Bucket(&k) : 0;
-      if (k > 0) lo = bucket << 16, hi = lo | 0xFFFF;
-      SplitAll(lo, hi, &below, &bracketed);
+      return Decide(k > 0 ? Rank(k - below - 1) : Kth{});
     }
-    Decide(k > 0 ? Rank(k - below - 1) : Kth{});
+    if (k == 0) return WriteAll(Kth{0, 0}, 0);  // keep every candidate
+    const Bucket b = FindBucket(k);
+    if (b.k == 0) return WriteAll(Kth{0, 0}, 0);  // no candidates
+    const int64_t r = b.k - b.below;  // the k-th key is the r-th (from 1) of the bucket
+    if (b.count * kGatherShare <= total_) {  // few keys in the bucket: gather them
+      int64_t below = 0, bracketed = 0;
+      SplitAll(b.bucket << 16, (b.bucket << 16) | 0xFFFF, &below, &bracketed);
+      return Decide(Rank(r - 1));
+    }
+    // A large bucket: find the k-th key t without gathering, then write every mask.
+    Kth kth;
+    int64_t ties;
+    if (b.bucket == 0 && b.zeros >= r) {  // t is exact zero (as after `remove`)
+      kth = {0, r};
+      ties = b.zeros;
+    } else {
+      ties = Low(b.bucket, r, &kth);
+    }
+    WriteAll(kth, ties);
   }
 
  private:
@@ -272,18 +513,117 @@ class Group {
     int64_t take = 0;
   };
 
+  struct Bucket {
+    int64_t k = 0;       // k clamped to the candidates
+    uint32_t bucket = 0;  // the high 16 bits of the k-th key
+    int64_t below = 0;    // keys in lower buckets
+    int64_t count = 0;    // keys in the bucket
+    int64_t zeros = 0;    // exact zeros (in bucket 0)
+  };
+
   template <class F>
   void ForChunks(const F& f) {
     ParallelFor(pool_, workers_, static_cast<int64_t>(chunks_.size()), f);
   }
 
+  // Per-worker histograms of kBins + kLanes zeroed slots.
+  std::vector<Scratch> Histograms() {
+    std::vector<Scratch> hist;
+    hist.reserve(workers_);
+    for (int w = 0; w < workers_; ++w) {
+      hist.emplace_back();
+      hist.back().Zero(kBins + kLanes);
+    }
+    return hist;
+  }
+
+  static int64_t Sum(std::vector<Scratch>& hist, int64_t slot) {
+    int64_t n = 0;
+    for (Scratch& h : hist) n += h.data()[slot];
+    return n;
+  }
+
+  // The bucket of the k-th key, from a histogram of the high 16 key bits.
+  Bucket FindBucket(int64_t k) {
+    std::vector<Scratch> hist = Histograms();
+    ForChunks([&](int64_t c, int slot) { Histogram(chunks_[c], hist[slot].data()); });
+    Bucket b;
+    for (int64_t lane = kBins; lane < kBins + kLanes; ++lane) b.zeros += Sum(hist, lane);
+    const int64_t sentinels = Sum(hist, kBins - 1);  // the top bin holds only sentinels
+    b.k = std::clamp<int64_t>(k, 0, total_ - sentinels);
+    if (b.k == 0) return b;
+    for (;; ++b.bucket) {
+      b.count = Sum(hist, b.bucket) + (b.bucket == 0 ? b.zeros : 0);
+      if (b.below + b.count >= b.k) break;
+      b.below += b.count;
+    }
+    return b;
+  }
+
+  // The r-th key (from 1) of a bucket, from a histogram of the low 16 bits of its keys; returns the
+  // number of keys equal to it.
+  int64_t Low(uint32_t bucket, int64_t r, Kth* kth) {
+    std::vector<Scratch> hist = Histograms();
+    ForChunks([&](int64_t c, int slot) { HistogramLow(chunks_[c], bucket, hist[slot].data()); });
+    int64_t less = 0;
+    uint32_t low = 0;
+    for (;; ++low) {
+      const int64_t n = Sum(hist, low);
+      if (less + n >= r) {
+        *kth = {(bucket << 16) | low, r - less};
+        return n;
+      }
+      less += n;
+    }
+  }
+
+  // Writes every mask for the k-th key: ties at t go to the side that fewer of them belong to
+  // (`take` of `ties` are pruned), then the chunks before (or after) the boundary are fixed.
+  void WriteAll(Kth kth, int64_t ties) {
+    const bool ties_kept = kth.take <= ties - kth.take;
+    std::vector<int64_t> per_chunk(chunks_.size(), 0);
+    ForChunks([&](int64_t c, int) {
+#ifdef JPRUNE_AVX512
+      if (avx512_) {
+        per_chunk[c] = WriteFast(chunks_[c], kth.t, ties_kept);
+        return;
+      }
+#endif
+      per_chunk[c] = Write(chunks_[c], kth.t, ties_kept);
+    });
+    if (kth.take == 0 || kth.take == ties) return;  // every tie is on the side written
+    // Chunks to fix, with the ordinals of their ties to move: [from, to).
+    struct Fix {
+      int64_t chunk, from, to;
+    };
+    std::vector<Fix> fixes;
+    int64_t seen = 0;  // ties in the chunks before this one
+    for (int64_t c = 0; c < static_cast<int64_t>(chunks_.size()); ++c) {
+      const int64_t n = per_chunk[c];
+      if (n > 0) {
+        if (ties_kept && seen < kth.take) {  // prune the ties before the boundary
+          fixes.push_back({c, 0, std::min(n, kth.take - seen)});
+        } else if (!ties_kept && seen + n > kth.take) {  // keep the ties after it
+          fixes.push_back({c, std::max<int64_t>(0, kth.take - seen), n});
+        }
+      }
+      seen += n;
+    }
+    ParallelFor(pool_, workers_, static_cast<int64_t>(fixes.size()), [&](int64_t i, int) {
+      const Fix& f = fixes[i];
+      const bool all = f.from == 0 && f.to == per_chunk[f.chunk];
+      MoveTies(chunks_[f.chunk], kth.t, f.from, f.to, all, !ties_kept);
+    });
+  }
+
   void SplitAll(uint32_t lo, uint32_t hi, int64_t* below, int64_t* bracketed) {
+    parts_.resize(chunks_.size());
     ForChunks([&](int64_t c, int) {
       Undecided& part = parts_[c];
       part.below = 0;
       part.keys.size = part.offsets.size = 0;
 #ifdef JPRUNE_AVX512
-      if (avx512_) return SplitAvx512(chunks_[c], lo, hi, part);
+      if (avx512_) return SplitFast(chunks_[c], lo, hi, part);
 #endif
       Split(chunks_[c], lo, hi, part);
     });
@@ -341,25 +681,6 @@ class Group {
     }
   }
 
-  // The high 16 bits of the k-th key, from a histogram of them; clamps k to the candidates.
-  uint32_t Bucket(int64_t* k) {
-    std::vector<Scratch> hist(workers_);
-    for (Scratch& h : hist) {
-      h.Reserve(kBins);
-      std::fill(h.data(), h.data() + kBins, 0u);
-    }
-    ForChunks([&](int64_t c, int slot) { Histogram(chunks_[c], hist[slot].data()); });
-    int64_t sentinels = 0;  // the top bin holds only sentinels
-    for (Scratch& h : hist) sentinels += h.data()[kBins - 1];
-    *k = std::clamp<int64_t>(*k, 0, total_ - sentinels);
-    uint32_t bucket = 0;
-    for (int64_t below = 0; *k > 0; ++bucket) {
-      for (Scratch& h : hist) below += h.data()[bucket];
-      if (below >= *k) break;
-    }
-    return bucket;
-  }
-
   std::vector<Leaf*> leaves_;
   std::vector<Chunk> chunks_;
   std::vector<Undecided> parts_;
@@ -369,12 +690,11 @@ class Group {
   int64_t total_ = 0;
 };
 
-// Args: k (int32, one per group), then one float32 or uint32 array per leaf, then the masks of
-// the leaves listed in `masked`. Rets: one bool array per leaf. `joint`: all leaves form one group;
-// otherwise each leaf is its own group.
-ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> ks, ffi::RemainingArgs args,
-                      ffi::RemainingRets rets, bool joint, ffi::Span<const int64_t> masked,
-                      bool simd) {
+// Args: k (int32, one per group), then one float32, bfloat16, float16 or uint32 array per leaf,
+// then the masks of the leaves listed in `masked`. Rets: one bool array per leaf. `joint`: all
+// leaves form one group; otherwise each leaf is its own group.
+ffi::Error Select(ffi::ThreadPool& pool, ffi::Buffer<ffi::S32> ks, ffi::RemainingArgs args,
+                  ffi::RemainingRets rets, bool joint, ffi::Span<const int64_t> masked, bool simd) {
   const size_t n_leaves = rets.size();
   if (args.size() != n_leaves + masked.size()) {
     return ffi::Error::InvalidArgument("jprune_select: wrong number of arguments");
@@ -385,16 +705,28 @@ ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> ks, ffi::Remai
     auto keep = rets.get<ffi::AnyBuffer>(i);
     if (x.has_error()) return x.error();
     if (keep.has_error()) return keep.error();
-    const ffi::DataType dt = x->element_type();
-    if ((dt != ffi::DataType::F32 && dt != ffi::DataType::U32) ||
-        (*keep)->element_type() != ffi::DataType::PRED ||
-        (*keep)->element_count() != x->element_count()) {
-      return ffi::Error::InvalidArgument("jprune_select: leaves must be float32 or uint32");
+    Kind kind;
+    switch (x->element_type()) {
+      case ffi::DataType::F32:
+        kind = Kind::kF32;
+        break;
+      case ffi::DataType::U32:
+        kind = Kind::kU32;
+        break;
+      case ffi::DataType::BF16:
+        kind = Kind::kBF16;
+        break;
+      case ffi::DataType::F16:
+        kind = Kind::kF16;
+        break;
+      default:
+        return ffi::Error::InvalidArgument("jprune_select: leaves must be float32, bfloat16, float16 or uint32");
     }
-    leaves[i] = {static_cast<const uint32_t*>(x->untyped_data()), nullptr,
-                 static_cast<bool*>((*keep)->untyped_data()),
-                 static_cast<int64_t>(x->element_count()),
-                 dt == ffi::DataType::F32 ? 0x7FFFFFFFu : 0xFFFFFFFFu};
+    if ((*keep)->element_type() != ffi::DataType::PRED || (*keep)->element_count() != x->element_count()) {
+      return ffi::Error::InvalidArgument("jprune_select: results must be bool arrays shaped like the leaves");
+    }
+    leaves[i] = {x->untyped_data(), nullptr, static_cast<bool*>((*keep)->untyped_data()),
+                 static_cast<int64_t>(x->element_count()), kind};
   }
   for (size_t j = 0; j < masked.size(); ++j) {
     auto m = args.get<ffi::AnyBuffer>(n_leaves + j);
@@ -420,13 +752,35 @@ ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> ks, ffi::Remai
   // Several groups: whole groups per thread, largest first.
   std::vector<int64_t> order(n_groups);
   for (int64_t g = 0; g < n_groups; ++g) order[g] = g;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return leaves[a].n > leaves[b].n; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return leaves[a].n > leaves[b].n; });
   ParallelFor(&pool, workers, n_groups, [&](int64_t i, int) {
     const int64_t g = order[i];
     Group({&leaves[g]}, nullptr, 1, simd).Prune(ks.typed_data()[g]);
   });
   return ffi::Error::Success();
+}
+
+// The handler's body: Select, with every C++ exception turned into an ffi::Error (none may unwind
+// into XLA, which is built with another C++ runtime and may not catch it).
+ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> ks, ffi::RemainingArgs args,
+                      ffi::RemainingRets rets, bool joint, ffi::Span<const int64_t> masked, bool simd,
+                      int64_t fault) {
+  t_fault = fault;
+  try {
+    if (fault == 1) throw std::bad_alloc();
+    ffi::Error error = Select(pool, ks, args, rets, joint, masked, simd);
+    t_fault = 0;
+    return error;
+  } catch (const std::bad_alloc&) {
+    t_fault = 0;
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jprune_select: out of memory (std::bad_alloc)");
+  } catch (const std::exception& e) {
+    t_fault = 0;
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jprune_select: ") + e.what());
+  } catch (...) {
+    t_fault = 0;
+    return ffi::Error(ffi::ErrorCode::kInternal, "jprune_select: unknown C++ exception");
+  }
 }
 
 }  // namespace
@@ -439,9 +793,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JprSelect, SelectImpl,
                                   .RemainingRets()
                                   .Attr<bool>("joint")
                                   .Attr<ffi::Span<const int64_t>>("masked")
-                                  .Attr<bool>("simd"));
+                                  .Attr<bool>("simd")
+                                  .Attr<int64_t>("fault"));
 
-// The Python module: `select`, a capsule for jax.ffi.register_ffi_target.
+// The Python module: `select`, a capsule for jax.ffi.register_ffi_target, and what built it:
+// `ffi_api_version` (the XLA FFI API version of the headers, which the handler reports to XLA when it
+// is registered) and `jaxlib_version` (the jaxlib those headers came from).
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_select", nullptr, -1, nullptr};
 
 PyMODINIT_FUNC PyInit__cpu_select(void) {
@@ -450,6 +807,13 @@ PyMODINIT_FUNC PyInit__cpu_select(void) {
   PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(&JprSelect), nullptr, nullptr);
   if (capsule == nullptr || PyModule_AddObject(m, "select", capsule) < 0) {
     Py_XDECREF(capsule);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  PyObject* version = Py_BuildValue("(ii)", XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
+  const int added = version == nullptr ? -1 : PyModule_AddObjectRef(m, "ffi_api_version", version);
+  Py_XDECREF(version);
+  if (added < 0 || PyModule_AddStringConstant(m, "jaxlib_version", JPRUNE_JAXLIB_VERSION) < 0) {
     Py_DECREF(m);
     return nullptr;
   }
