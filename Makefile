@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: setup test demo bench bench-interop bench-train lint clean
+.PHONY: setup kernel test demo bench bench-interop bench-train lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[torch,examples,dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+# The native CPU kernel (jprune/_cpu_select*.so), rebuilt when its source, setup.py or the installed
+# jaxlib's FFI headers change, and once after an install: on a fresh venv pip builds it before jaxlib
+# is installed there, with the build environment's headers; this builds it against the jaxlib that runs it.
+FFI_HEADERS := $(wildcard $(VENV)/lib/python3*/site-packages/jaxlib/include/xla/ffi/api/*.h)
+$(VENV)/.kernel: jprune/_cpu_select.cc setup.py $(FFI_HEADERS) $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+kernel: $(VENV)/.kernel
+
+setup: $(VENV)/.installed $(VENV)/.kernel
 
 test: setup
 	$(BIN)/python -m pytest -q
