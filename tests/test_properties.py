@@ -11,8 +11,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import NearTie, assert_same_masks, pruned_count, run_both, tie_free
-from hypothesis import HealthCheck, assume, given, settings
+import torch
+import torch.nn.utils.prune as tprune
+from conftest import NearTie, assert_same_masks, pruned_count, run_both, tie_free, torch_mask, torch_module
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import jprune as jp
@@ -160,3 +162,36 @@ def test_random_unstructured_counts(shape, seed, frac):
     m2 = np.asarray(jp.random_unstructured(w, frac, key=jax.random.fold_in(key, 1), masks=m1))
     assert not np.any(m2 & ~np.asarray(m1))
     assert pruned_count(m2) - pruned_count(m1) == round(frac * int(np.asarray(m1).sum()))
+
+
+# Counts: the same k eagerly, under jit with traced masks (counted on the device), and in torch,
+# for every amount type torch accepts (Python float/int, numpy float64/float32/float16).
+AMOUNT_TYPES = [float, np.float64, np.float32, np.float16, int]
+_traced_l1 = jax.jit(lambda w, m, a: jp.l1_unstructured(w, a, masks=m), static_argnums=2)
+
+
+@SETTINGS
+@given(
+    n=st.integers(1, 300),
+    pruned=st.integers(0, 300),
+    frac=st.floats(0.0, 1.0),
+    kind=st.sampled_from(AMOUNT_TYPES),
+    seed=st.integers(0, 2**31),
+)
+@example(n=90, pruned=210, frac=0.35, kind=np.float32, seed=0)  # 31.5 in float32, 31.49999 as a double
+@example(n=15, pruned=285, frac=0.1, kind=np.float16, seed=0)  # 1.5 in float16: 2 (a double: 1)
+def test_counts_agree_eager_traced_and_torch(n, pruned, frac, kind, seed):
+
+    rng = np.random.default_rng(seed)
+    w = tie_free(rng, (300,))
+    m = np.ones(300, bool)
+    m[rng.permutation(300)[: min(pruned, 300 - n)]] = False  # n or more remain
+    left = int(m.sum())
+    amount = kind(round(frac * left)) if kind is int else kind(frac)
+    mod = torch_module({"w": w})
+    tprune.custom_from_mask(mod, "w", torch.tensor(m))
+    tprune.l1_unstructured(mod, "w", amount)
+    want = pruned_count(torch_mask(mod, "w"))
+    eager = jp.l1_unstructured(jnp.asarray(w), amount, masks=jnp.asarray(m))
+    traced = _traced_l1(jnp.asarray(w), jnp.asarray(m), amount)
+    assert pruned_count(eager) == pruned_count(traced) == want
