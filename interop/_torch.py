@@ -1,9 +1,83 @@
-"""Torch-side helper: load a pruned state_dict into a module that is not (yet) pruned."""
+"""Torch-side helpers: what a module's classes say about layouts, and loading a pruned
+state_dict into a module that is not (yet) pruned."""
 
+import copy
+import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
 from torch.nn.utils import prune
+
+_NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
+
+
+def _class_kind(m: torch.nn.Module) -> str | None:
+    """The kind a standard torch class makes known (see `_layout.plan`)."""
+    if isinstance(m, torch.nn.Linear):
+        return "linear"
+    if isinstance(m, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(m, torch.nn.modules.conv._ConvTransposeNd):
+        return "conv_transpose"
+    if isinstance(m, torch.nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(m, torch.nn.MultiheadAttention) and m._qkv_same_embed_dim:
+        return f"mha:{m.num_heads}"
+    if isinstance(m, _NORMS):
+        return "norm"
+    if isinstance(m, torch.nn.Bilinear):
+        return "keep"  # (out, in1, in2): no Flax layer holds it
+    return None
+
+
+def _shape_kind(m: torch.nn.Module) -> str | None:
+    """What a non-square weight with a bias shows: the bias runs along the output axis."""
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor) or b.ndim != 1:
+        return None
+    if w.ndim < 2 or w.shape[0] == w.shape[1]:
+        return None
+    if b.shape[0] == w.shape[0]:
+        return "linear" if w.ndim == 2 else "conv"
+    if b.shape[0] == w.shape[1]:
+        return "conv1d" if w.ndim == 2 else "conv_transpose"
+    return None
+
+
+def module_kinds(model: torch.nn.Module) -> dict[str, str]:
+    """Module path -> what its class makes known about its tensors' layouts.
+
+    Standard classes (Linear, Embedding, ConvNd, ConvTransposeNd, MultiheadAttention, norms)
+    decide by `isinstance`. Another class (e.g. GPT-2's Conv1D) decides for all its instances
+    when its non-square instances agree (a weight (768, 2304) with bias (2304,) stores (in, out),
+    so its square (768, 768) instances do too); otherwise the default shape rules apply.
+    """
+    named = list(model.named_modules(remove_duplicate=False))
+    kinds = {path: k for path, m in named if (k := _class_kind(m)) is not None}
+    seen: dict[type, set[str]] = {}
+    for path, m in named:
+        if path not in kinds and (k := _shape_kind(m)) is not None:
+            seen.setdefault(type(m), set()).add(k)
+    for path, m in named:
+        if path not in kinds and len(seen.get(type(m), ())) == 1:
+            (kinds[path],) = seen[type(m)]
+    return kinds
+
+
+def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """The module with every tensor replaced by a meta tensor: its structure, no data."""
+    memo = {}
+    for sub in module.modules():
+        values = [*sub._parameters.values(), *sub._buffers.values(), *vars(sub).values()]
+        for v in values:  # tensors, and lists of them (an LSTM's _flat_weights)
+            for t in v if isinstance(v, list | tuple) else (v,):
+                if isinstance(t, torch.Tensor) and id(t) not in memo:
+                    meta = t.detach().to("meta")
+                    if isinstance(t, torch.nn.Parameter):
+                        meta = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
+                    memo[id(t)] = meta
+    return copy.deepcopy(module, memo)
 
 
 def load_pruned_state_dict(
@@ -25,11 +99,16 @@ def load_pruned_state_dict(
       strict: passed on to `load_state_dict`.
       reparametrize: keep pruning live (True) or bake the masks into the weights (False).
 
+    The whole load is first rehearsed on a copy of the module holding meta tensors (no data),
+    so a load that fails (missing or unexpected keys with `strict=True`, a shape mismatch) raises
+    torch's own error and leaves `module` exactly as it was.
+
     Returns:
       `load_state_dict`'s result (missing and unexpected keys).
 
     Raises:
-      RuntimeError: as `load_state_dict` with `strict=True`, for keys that still do not match.
+      RuntimeError: as `load_state_dict`: keys that still do not match with `strict=True`, or a
+        shape mismatch.
 
     Examples:
       >>> import torch
@@ -42,7 +121,28 @@ def load_pruned_state_dict(
       >>> list(dst.state_dict()), int((dst.weight == 0).sum())
       (['bias', 'weight_orig', 'weight_mask'], 2)
     """
-    state_dict = dict(state_dict) if reparametrize else {**state_dict}
+    try:
+        rehearsal = _meta_copy(module)
+    except Exception:  # a module deepcopy cannot copy: load for real, without the rehearsal
+        rehearsal = None
+    if rehearsal is not None:
+        meta_sd = _with_metadata({k: v.detach().to("meta") for k, v in state_dict.items()}, state_dict)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*a meta parameter in the current model")
+            _load(rehearsal, meta_sd, strict, reparametrize)  # raises here, before any change
+    return _load(module, state_dict, strict, reparametrize)
+
+
+def _with_metadata(items: Mapping, state_dict: Mapping) -> OrderedDict:
+    """A new OrderedDict of `items` keeping `state_dict`'s torch metadata (module versions)."""
+    out = OrderedDict(items)
+    if getattr(state_dict, "_metadata", None) is not None:
+        out._metadata = state_dict._metadata
+    return out
+
+
+def _load(module: torch.nn.Module, state_dict: Mapping, strict: bool, reparametrize: bool):
+    state_dict = _with_metadata(state_dict, state_dict)
     for key in list(state_dict):
         if not key.endswith("_orig"):
             continue
@@ -56,7 +156,13 @@ def load_pruned_state_dict(
             continue  # load_state_dict reports the keys
         if name not in sub._parameters or f"{name}_orig" in sub._parameters:
             continue
-        mask = state_dict[mask_key]
+        mask, param = state_dict[mask_key], sub._parameters[name]
+        if mask.shape != param.shape:  # torch's own words for a shape mismatch
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(module).__name__}:\n\tsize mismatch "
+                f"for {mask_key}: copying a mask with shape {mask.shape} from checkpoint, the "
+                f"shape of {key[:-5]} in current model is {param.shape}."
+            )
         if reparametrize:
             prune.identity(sub, name)
             device = getattr(sub, f"{name}_orig").device
