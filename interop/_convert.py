@@ -10,8 +10,12 @@ import numpy as np
 import torch
 
 from . import _arrays, _layout
+from ._torch import module_kinds
 
-RECIPE_VERSION = 1
+# 2 added the layouts conv_transpose, qkv:H, qkv_bias:H and heads_out:H; a version-1 recipe reads
+# the same, and a reader that knows only 1 refuses a 2 rather than misread a layout.
+RECIPE_VERSION = 2
+_RECIPE_VERSIONS = (1, 2)
 
 
 def _tree_set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -51,10 +55,11 @@ def _leaf_paths(tree, path=()):
         yield from _leaf_paths(v, (*path, k))
 
 
-def _state_dict_of(state_dict) -> tuple[Mapping, bool]:
-    """(state_dict, whether its tensors must be copied) from a mapping, module or file path."""
+def _state_dict_of(state_dict) -> tuple[Mapping, bool, dict | None]:
+    """(state_dict, whether its tensors must be copied, module kinds or None) from a mapping,
+    module or file path."""
     if isinstance(state_dict, torch.nn.Module):
-        return state_dict.state_dict(), False
+        return state_dict.state_dict(), False, module_kinds(state_dict)
     if isinstance(state_dict, str | os.PathLike):
         from ._files import kind, load_torch
 
@@ -65,7 +70,7 @@ def _state_dict_of(state_dict) -> tuple[Mapping, bool]:
             )
         # A memory-mapped .pt is copied out of the file; safetensors tensors are already owned.
         mmap = os.fspath(state_dict).lower().endswith((".pt", ".pth"))
-        return load_torch(state_dict, mmap=mmap), mmap
+        return load_torch(state_dict, mmap=mmap), mmap, None
     if not isinstance(state_dict, Mapping):
         raise TypeError(
             "Expected a state_dict (a mapping of str to torch.Tensor), an nn.Module or a file "
@@ -77,7 +82,7 @@ def _state_dict_of(state_dict) -> tuple[Mapping, bool]:
                 f"Expected a state_dict mapping str to torch.Tensor, got {type(value).__name__} "
                 f"at key {key!r}"
             )
-    return state_dict, False
+    return state_dict, False, None
 
 
 def _progress(items, total_bytes: int, progress: bool | None, desc: str):
@@ -94,10 +99,14 @@ def from_torch(state_dict, template=None) -> dict:
 
     Names and layouts: module path `a.b.c` -> nested keys `a`/`b`/`c`; a Linear weight (out, in)
     -> `kernel` (in, out); a ConvNd weight (O, I, *spatial) -> `kernel` (*spatial, I, O); a norm
-    weight -> `scale`; BatchNorm `running_mean`/`running_var` -> `batch_stats` `mean`/`var`.
-    Without a template, a 2-D weight with no bias (Linear(bias=False) or Embedding?) is refused;
-    with one, names and layouts come from matching its leaves (`embedding` keeps the layout,
-    Flax list names like `blocks_0` match torch's `blocks.0`).
+    weight -> `scale`; BatchNorm `running_mean`/`running_var` -> `batch_stats` `mean`/`var` (the
+    table in `jprune.interop`'s docstring has them all). What decides a layout, first that applies:
+    the torch module's classes (when given an nn.Module, as `state_dict` or as `template`), a Flax
+    template (which may cover only part of the model; the rest follows the default rules), the
+    default shape rules. A layout none of them decides is refused with a message naming the
+    tensor (e.g. a 2-D weight with no bias: Linear or Embedding?). A pruned tensor that no rule
+    places (LSTM `weight_ih_l0`, `in_proj_weight` without the module, a custom parameter) keeps
+    its torch name and layout in `params`, its mask beside it: no mask is ever dropped.
 
     The result is `{"params", "masks", "batch_stats" (only if present), "torch"}`:
     `params` holds the `X_orig` values (or `X` where unpruned), `masks` mirrors `params` with a
@@ -113,15 +122,16 @@ def from_torch(state_dict, template=None) -> dict:
       state_dict: a state_dict (str -> Tensor), an nn.Module, or a path to a .pt/.pth/.safetensors
         file (read with `weights_only=True`, memory-mapped).
       template: optional Flax params (or a variables dict with `params`/`batch_stats`), e.g. from
-        `model.init`; arrays or `jax.ShapeDtypeStruct`s.
+        `model.init`, arrays or `jax.ShapeDtypeStruct`s; or the torch nn.Module whose state_dict
+        this is (its classes decide the layouts).
 
     Returns:
       The checkpoint dict described above.
 
     Raises:
       ValueError: a mask that is not 0/1, a mask whose shape differs from its `_orig`, `_mask`
-        without `_orig`, an ambiguous layout without a template, or a template that does not
-        match.
+        without `_orig`, a layout nothing decides, a template that does not match, or two torch
+        tensors that would land on one Flax leaf.
       TypeError: `state_dict` is not a mapping of str to Tensor.
 
     Examples:
@@ -136,12 +146,14 @@ def from_torch(state_dict, template=None) -> dict:
       >>> int((~ckpt["masks"]["kernel"]).sum())
       2
     """
-    state_dict, copy = _state_dict_of(state_dict)
-    return _from_torch(state_dict, template, copy=copy, progress=False)
+    state_dict, copy, kinds = _state_dict_of(state_dict)
+    return _from_torch(state_dict, template, copy=copy, progress=False, kinds=kinds)
 
 
-def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | None) -> dict:
-    recipe = _layout.plan({k: tuple(v.shape) for k, v in state_dict.items()}, template)
+def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | None, kinds=None) -> dict:
+    if isinstance(template, torch.nn.Module):  # the torch model itself: its classes decide
+        kinds, template = module_kinds(template), None
+    recipe = _layout.plan({k: tuple(v.shape) for k, v in state_dict.items()}, template, kinds)
     params: dict = {}
     stats: dict = {}
     masks: dict = {}
@@ -149,13 +161,16 @@ def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | N
     keys = []
     total = sum(v.numel() * v.element_size() for v in state_dict.values())
 
-    def convert_one(entry):
+    def convert_one(entry) -> list[np.ndarray]:
         key, target, layout = entry
         t = state_dict[key]
         perm = _layout.to_flax_perm(layout, t.ndim)
+        if perm is None and layout != "same":  # reshaped or split: to_flax makes fresh arrays
+            value = _arrays.bool_mask(key, t, None) if target[0] == "masks" else _arrays.to_numpy(t)
+            return _layout.to_flax(layout, value)
         if target[0] == "masks":
-            return _arrays.bool_mask(key, t, perm)
-        return _arrays.permuted(t, perm, copy=copy)
+            return [_arrays.bool_mask(key, t, perm)]
+        return [_arrays.permuted(t, perm, copy=copy)]
 
     # Tensors convert independently and numpy releases the GIL while copying, so a few threads
     # overlap the copies (torch.load itself reads on one thread); results keep the recipe order.
@@ -172,18 +187,22 @@ def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | N
                     f.cancel()
                 raise
             keys.append([key, list(target), layout, _arrays.dtype_name(state_dict[key].dtype)])
-            if target[0] == "masks":
-                masks[target[1:]] = value
-            elif target[0] == "extra":
-                extra[key] = value
-            else:
-                _tree_set(params if target[0] == "params" else stats, target[1:], value)
+            if target[0] == "extra":
+                (extra[key],) = value
+                continue
+            for leaf, part in zip(_layout.leaves(target, layout), value, strict=True):
+                if leaf[0] == "masks":
+                    masks[leaf[1:]] = part
+                else:
+                    _tree_set(params if leaf[0] == "params" else stats, leaf[1:], part)
     meta = {"version": RECIPE_VERSION, "keys": keys}
     if getattr(state_dict, "_metadata", None) is not None:
         try:  # torch's per-module versions ({"version": 2}); kept when they are plain data
             meta["metadata"] = json.loads(json.dumps({k: dict(v) for k, v in state_dict._metadata.items()}))
         except (TypeError, ValueError):
             pass
+    for path in masks:  # plan places every mask on its tensor's params leaf
+        assert _tree_get(params, path) is not _MISSING, path
     ckpt = {"params": params, "masks": _mirror(params, masks)}
     if stats:
         ckpt["batch_stats"] = stats
@@ -201,13 +220,11 @@ def _entries(ckpt: Mapping, template) -> tuple[list, dict, dict | None]:
     torch_meta = ckpt.get("torch") or {}
     extra = dict(torch_meta.get("extra") or {})
     if template is not None:
-        if isinstance(template, torch.nn.Module):
-            template = template.state_dict()
-        template, _ = _state_dict_of(template)
+        template, _, kinds = _state_dict_of(template)
         flax = {"params": ckpt["params"]}
         if ckpt.get("batch_stats"):
             flax["batch_stats"] = ckpt["batch_stats"]
-        recipe = _layout.plan({k: tuple(v.shape) for k, v in template.items()}, flax)
+        recipe = _layout.plan({k: tuple(v.shape) for k, v in template.items()}, flax, kinds)
         for key, target, _ in recipe:
             if target[0] == "extra" and key not in extra:
                 extra[key] = _arrays.to_numpy(template[key])
@@ -217,11 +234,7 @@ def _entries(ckpt: Mapping, template) -> tuple[list, dict, dict | None]:
         ]
         return entries, extra, getattr(template, "_metadata", None)
     if "recipe" in torch_meta:
-        meta = json.loads(str(torch_meta["recipe"]))
-        if meta.get("version") != RECIPE_VERSION:
-            raise ValueError(
-                f"ckpt['torch']['recipe'] has version {meta.get('version')!r}, expected {RECIPE_VERSION}"
-            )
+        meta = _read_recipe(torch_meta["recipe"])
         entries = [(k, tuple(t), lay, dt if t[0] == "masks" else None) for k, t, lay, dt in meta["keys"]]
         return entries, extra, meta.get("metadata")
     entries = []
@@ -230,6 +243,41 @@ def _entries(ckpt: Mapping, template) -> tuple[list, dict, dict | None]:
             extra[key] = np.zeros((), np.int64)
         entries.append((key, target, layout, None))
     return entries, extra, None
+
+
+def _read_recipe(recipe) -> dict:
+    """The recorded recipe, checked entry by entry: a layout this version does not know is
+    refused, never read as no layout."""
+    try:
+        meta = json.loads(str(recipe))
+    except ValueError as e:
+        raise ValueError(f"ckpt['torch']['recipe'] is not JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("version") not in _RECIPE_VERSIONS:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        raise ValueError(
+            f"ckpt['torch']['recipe'] has version {version!r}, expected one of {_RECIPE_VERSIONS}"
+        )
+    keys = meta.get("keys")
+    for entry in keys if isinstance(keys, list) else [keys]:
+        ok = isinstance(entry, list) and len(entry) == 4
+        if ok:
+            key, target, layout, dtype = entry
+            ok = (
+                isinstance(key, str)
+                and isinstance(target, list)
+                and all(isinstance(c, str) for c in target)
+                and target[:1] in (["params"], ["masks"], ["batch_stats"], ["extra"])
+                and (len(target) > 1) != (target == ["extra"])
+                and isinstance(layout, str)
+                and _layout.is_layout(layout)
+                and isinstance(dtype, str)
+            )
+        if not ok:
+            raise ValueError(
+                f"ckpt['torch']['recipe'] has a malformed entry {str(entry)[:100]}: expected "
+                "[torch key, [collection, *path], layout, torch dtype]"
+            )
+    return meta
 
 
 def _adapt(entries: list, masks: Mapping) -> list:
@@ -253,7 +301,7 @@ def _adapt(entries: list, masks: Mapping) -> list:
         entry = (key, target, layout, dtype)
         if target[0] == "params":
             path = target[1:]
-            has_mask = _present(_tree_get(masks, path))
+            has_mask = _has_mask(masks, path, layout)
             if path in pruned and not has_mask:
                 entry = (prefix + attr.removesuffix("_orig"), target, layout, dtype)
             elif path not in pruned and has_mask:
@@ -262,7 +310,7 @@ def _adapt(entries: list, masks: Mapping) -> list:
                     (prefix + attr + "_mask", ("masks", *path), layout, None)
                 )
                 entry = None
-        elif target[0] == "masks" and not _present(_tree_get(masks, target[1:])):
+        elif target[0] == "masks" and not _has_mask(masks, target[1:], layout):
             entry = None
         if entry is not None:
             out.append(entry)
@@ -273,8 +321,21 @@ def _adapt(entries: list, masks: Mapping) -> list:
     return out
 
 
+def _has_mask(masks: Mapping, path: tuple, layout: str) -> bool:
+    return any(_present(_tree_get(masks, leaf)) for leaf in _layout.leaves(path, layout))
+
+
 def _check_covered(entries: list, ckpt: Mapping) -> None:
-    targets = {t for _, t, _, _ in entries}
+    """Refuses a params leaf no torch key takes, and two leaves on one torch key."""
+    targets = {leaf for _, t, lay, _ in entries for leaf in _layout.leaves(t, lay)}
+    keys: dict[str, tuple] = {}
+    for key, target, _, _ in entries:
+        if key in keys:
+            raise ValueError(
+                f"Flax leaves '{'/'.join(keys[key])}' and '{'/'.join(target)}' would both "
+                f"become torch key '{key}'; rename one of them"
+            )
+        keys[key] = target
     for coll in ("params", "batch_stats"):
         for path, _ in _leaf_paths(ckpt.get(coll) or {}):
             if (coll, *path) not in targets:
@@ -308,8 +369,9 @@ def to_torch(ckpt: Mapping, template=None) -> "OrderedDict[str, torch.Tensor]":
     and unknown keys included. Masks added or removed since (e.g. by `jprune.l1_unstructured` or
     `jprune.remove`) turn `X` into `X_orig` + `X_mask` or back. Without a recorded recipe, torch
     names follow the Flax names (`kernel`/`scale`/`embedding` -> `weight`; `mean`/`var` ->
-    `running_mean`/`running_var`, plus `num_batches_tracked` = 0), masks get the parameter's dtype,
-    and `template` (a torch state_dict or module) can supply the torch names instead.
+    `running_mean`/`running_var`, plus `num_batches_tracked` = 0; Flax attention `query`/`key`/
+    `value`/`out` -> `in_proj_weight`/`in_proj_bias`/`out_proj.*`), masks get the parameter's
+    dtype, and `template` (a torch state_dict or module) can supply the torch names instead.
 
     Args:
       ckpt: `{"params", "masks" (optional), "batch_stats" (optional), "torch" (optional)}`.
@@ -319,8 +381,10 @@ def to_torch(ckpt: Mapping, template=None) -> "OrderedDict[str, torch.Tensor]":
       An OrderedDict of fresh CPU tensors, ready for `load_state_dict`.
 
     Raises:
-      ValueError: a mask that is not binary or has the wrong shape, a leaf without a torch name,
-        or a template that does not match.
+      ValueError: a mask that is not binary or has the wrong shape, a leaf without a torch name
+        or with no known torch layout (a DenseGeneral kernel), two leaves that would become one
+        torch key or module (`m/kernel` and `m/scale`; `a.b/*` and `a/b/*`), or a template that
+        does not match.
 
     Examples:
       >>> import numpy as np
@@ -344,26 +408,27 @@ def _to_torch(ckpt: Mapping, template, *, progress: bool | None) -> "OrderedDict
     out = OrderedDict()
     total = sum(np.asarray(v).nbytes for _, v in _leaf_paths(ckpt["params"]))
     for key, target, layout, dtype in _progress(entries, total, progress, "flax -> torch"):
-        coll, path = target[0], target[1:]
+        coll = target[0]
         if coll == "extra":
             if key not in extra:
                 raise ValueError(f"'{key}' is listed in the recipe but missing from ckpt['torch']['extra']")
             out[key] = _arrays.to_torch(extra[key])
             continue
         tree = ckpt["params"] if coll in ("params", "masks") else ckpt.get("batch_stats") or {}
-        value = _tree_get(tree, path)
-        if value is _MISSING:
-            raise ValueError(f"'{key}' expects {'/'.join(target)} in the checkpoint; it is missing")
-        value = np.asarray(value)
+        parts = []
+        for leaf in _layout.leaves(target, layout):
+            value = _tree_get(tree, leaf[1:])
+            if value is _MISSING:
+                raise ValueError(f"'{key}' expects {'/'.join(leaf)} in the checkpoint; it is missing")
+            value = np.asarray(value)
+            if coll == "masks":  # a split tensor may have masks on some of its leaves only
+                mask = _tree_get(masks, leaf[1:])
+                value = _mask_values(leaf[1:], mask, value) if _present(mask) else np.ones(value.shape, bool)
+            parts.append(value)
+        tensor = _arrays.to_torch(_layout.to_torch(layout, parts))
         if coll == "masks":
-            value = _mask_values(path, _tree_get(masks, path), value)
-        perm = _layout.to_torch_perm(layout, value.ndim)
-        if perm is not None:
-            value = value.transpose(perm)
-        tensor = _arrays.to_torch(value)
-        if coll == "masks":
-            param_dtype = _arrays.to_torch_dtype(np.asarray(_tree_get(ckpt["params"], path)))
-            tensor = tensor.to(_arrays.torch_dtype(dtype) if dtype else param_dtype)
+            param = np.asarray(_tree_get(ckpt["params"], _layout.leaves(target, layout)[0][1:]))
+            tensor = tensor.to(_arrays.torch_dtype(dtype) if dtype else _arrays.to_torch_dtype(param))
         out[key] = tensor
     if metadata is not None:
         out._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())

@@ -4,10 +4,13 @@ A recipe is a list of entries `(torch_key, target, layout)` in state_dict order:
 
 * `target` is `("params", *path)`, `("masks", *path)`, `("batch_stats", *path)` or `("extra",)`
   (kept verbatim under the torch key);
-* `layout` is `"same"`, `"linear"` (torch (out, in) <-> Flax (in, out)) or `"conv"`
-  (torch (O, I, *spatial) <-> Flax (*spatial, I, O)).
+* `layout` is one of `LAYOUTS`. The attention layouts (`qkv:H`, `qkv_bias:H`) turn one torch
+  tensor into three Flax leaves, `query`/`key`/`value` beside the target's leaf (`leaves`).
 
-Names come from the rules in `_default_fit`, or from a template (Flax params) by matching.
+What decides a layout, most authoritative first: the torch module's class (`kinds`, known when
+`from_torch` is given an `nn.Module`), a template (Flax params, matched by name and shape), the
+default shape rules of `_default_fit`. What none of them decides is refused, never guessed; a
+pruned tensor none of them places keeps torch's name and layout in `params` (layout `same`).
 """
 
 from collections.abc import Mapping
@@ -16,13 +19,50 @@ import numpy as np
 
 Shape = tuple[int, ...]
 
+LAYOUTS = {
+    "same": "the torch layout, unchanged",
+    "linear": "torch Linear weight (out, in) <-> Flax Dense kernel (in, out)",
+    "conv": "torch ConvNd weight (O, I, *k) <-> Flax Conv kernel (*k, I, O)",
+    "conv_transpose": "torch ConvTransposeNd weight (I, O, *k) <-> Flax ConvTranspose kernel "
+    "(*k, I, O) with the spatial axes reversed (Flax's default transpose_kernel=False)",
+    "qkv:H": "torch MultiheadAttention in_proj_weight (3E, E) <-> query/key/value kernels (E, H, E/H)",
+    "qkv_bias:H": "in_proj_bias (3E,) <-> query/key/value biases (H, E/H)",
+    "heads_out:H": "out_proj.weight (E, E) <-> out kernel (H, E/H, E)",
+}
+QKV = ("query", "key", "value")
+
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight")
 _STATS = {"running_mean": "mean", "running_var": "var"}
 _STATS_BACK = {v: k for k, v in _STATS.items()}
+_MHA_IN = {"in_proj_weight": ("kernel", "qkv"), "in_proj_bias": ("bias", "qkv_bias")}
+# What a torch module class (its "kind") makes of its `weight`: (Flax leaf, layout).
+_KIND_WEIGHT = {
+    "linear": ("kernel", "linear"),
+    "conv1d": ("kernel", "same"),
+    "conv": ("kernel", "conv"),
+    "conv_transpose": ("kernel", "conv_transpose"),
+    "embedding": ("embedding", "same"),
+    "norm": ("scale", "same"),
+    "keep": ("weight", "same"),
+}
+
+
+def _split_layout(layout: str) -> tuple[str, int]:
+    """`"qkv:4"` -> `("qkv", 4)`; `"conv"` -> `("conv", 0)`."""
+    name, _, heads = layout.partition(":")
+    return name, int(heads) if heads else 0
+
+
+def is_layout(layout: str) -> bool:
+    """Whether `layout` is one of `LAYOUTS` (with a positive head count where it takes one)."""
+    name, _, heads = layout.partition(":")
+    if name in ("qkv", "qkv_bias", "heads_out"):
+        return heads.isdigit() and int(heads) > 0
+    return name in LAYOUTS and not heads
 
 
 def to_flax_perm(layout: str, ndim: int) -> tuple[int, ...] | None:
-    """The permutation taking a torch tensor of `ndim` axes to its Flax layout."""
+    """The permutation taking a torch tensor of `ndim` axes to its Flax layout, if it is one."""
     if layout == "linear":
         return (1, 0)
     if layout == "conv":
@@ -39,9 +79,76 @@ def to_torch_perm(layout: str, ndim: int) -> tuple[int, ...] | None:
     return None
 
 
-def flax_shape(layout: str, shape: Shape) -> Shape:
+def leaves(target: tuple, layout: str) -> list[tuple]:
+    """The Flax leaves one recipe target stands for: three for the attention in-projection."""
+    if _split_layout(layout)[0] in ("qkv", "qkv_bias"):
+        return [(*target[:-1], name, target[-1]) for name in QKV]
+    return [tuple(target)]
+
+
+def _valid(layout: str, shape: Shape) -> bool:
+    name, h = _split_layout(layout)
+    nd = len(shape)
+    if name == "qkv":
+        return nd == 2 and h > 0 and shape[0] % (3 * h) == 0
+    if name == "qkv_bias":
+        return nd == 1 and h > 0 and shape[0] % (3 * h) == 0
+    if name == "heads_out":
+        return nd == 2 and h > 0 and shape[1] % h == 0
+    if name in ("conv", "conv_transpose"):
+        return 3 <= nd <= 5
+    if name == "linear":
+        return nd == 2
+    return name == "same"
+
+
+def flax_shapes(layout: str, shape: Shape) -> list[Shape]:
+    """The shapes of the Flax leaves (see `leaves`) of a torch tensor of `shape`."""
+    name, h = _split_layout(layout)
+    shape = tuple(shape)
+    if name == "qkv":
+        return [(shape[1], h, shape[0] // 3 // h)] * 3
+    if name == "qkv_bias":
+        return [(h, shape[0] // 3 // h)] * 3
+    if name == "heads_out":
+        return [(h, shape[1] // h, shape[0])]
+    if name == "conv_transpose":
+        return [(*shape[2:], shape[0], shape[1])]
     perm = to_flax_perm(layout, len(shape))
-    return tuple(shape) if perm is None else tuple(shape[i] for i in perm)
+    return [shape if perm is None else tuple(shape[i] for i in perm)]
+
+
+def to_flax(layout: str, a: np.ndarray) -> list[np.ndarray]:
+    """The Flax leaves of torch array `a` (fresh C-contiguous arrays; `a` itself for `same`)."""
+    name, h = _split_layout(layout)
+    if name == "qkv":
+        return [np.array(w.T.reshape(w.shape[1], h, -1), order="C") for w in np.split(a, 3)]
+    if name == "qkv_bias":
+        return [np.array(b.reshape(h, -1), order="C") for b in np.split(a, 3)]
+    if name == "heads_out":
+        return [np.array(a.T.reshape(h, -1, a.shape[0]), order="C")]
+    if name == "conv_transpose":
+        k = a.transpose(*range(2, a.ndim), 0, 1)
+        return [np.array(np.flip(k, tuple(range(a.ndim - 2))), order="C")]
+    perm = to_flax_perm(layout, a.ndim)
+    return [a if perm is None else np.array(a.transpose(perm), order="C")]
+
+
+def to_torch(layout: str, parts: list[np.ndarray]) -> np.ndarray:
+    """The inverse of `to_flax`: the torch array from its Flax leaves."""
+    name, _ = _split_layout(layout)
+    if name == "qkv":
+        return np.concatenate([p.reshape(p.shape[0], -1).T for p in parts])
+    if name == "qkv_bias":
+        return np.concatenate([p.reshape(-1) for p in parts])
+    (a,) = parts
+    if name == "heads_out":
+        return a.reshape(-1, a.shape[-1]).T
+    if name == "conv_transpose":
+        nd = a.ndim
+        return np.flip(a, tuple(range(nd - 2))).transpose(nd - 2, nd - 1, *range(nd - 2))
+    perm = to_torch_perm(layout, a.ndim)
+    return a if perm is None else a.transpose(perm)
 
 
 # ------------------------------------------------------------------ parsing a torch state_dict
@@ -104,44 +211,122 @@ def parse(shapes: Mapping[str, Shape]) -> dict[str, dict[str, _Attr]]:
 
 # ------------------------------------------------------------------ per-module rules
 
+_RESOLVE = (
+    "pass the nn.Module to from_torch (its classes decide) or a template (template= or "
+    "--template: the Flax params, e.g. from jax.eval_shape(model.init, ...))"
+)
 
-def _default_fit(module: str, attrs: dict[str, _Attr]) -> dict[str, tuple[str, str, str]]:
-    """attr -> (collection, leaf, layout) by the documented default rules (no template)."""
+
+def _clues(modules: dict[str, dict[str, "_Attr"]]) -> dict[int, str]:
+    """Keys showing that this state_dict stores some layers transposed: a weight whose bias runs
+    along its second axis, not its first (2: GPT-2 Conv1D, 3: ConvTranspose)."""
+    clues: dict[int, str] = {}
+    for attrs in modules.values():
+        w, b = attrs.get("weight"), attrs.get("bias")
+        if w is None or b is None or len(w.shape) < 2 or w.shape[0] == w.shape[1]:
+            continue
+        if b.shape == w.shape[1:2]:
+            clues.setdefault(min(len(w.shape), 3), w.key)
+    return clues
+
+
+def _kernel_layouts(w: "_Attr", b: "_Attr | None", kind: str | None) -> list[str]:
+    """The layouts a Flax `kernel` may have for torch weight `w`, the conventional one first."""
+    if kind is not None:
+        name, h = _split_layout(kind)
+        if name == "mha_out":
+            return [f"heads_out:{h}"]
+        if name == "conv_transpose":  # Flax's default, then transpose_kernel=True (conv's axes)
+            return ["conv_transpose", "conv"]
+        leaf, layout = _KIND_WEIGHT.get(name, (None, None))
+        return [layout] if leaf == "kernel" else []
+    nd = len(w.shape)
+    along_second = b is not None and b.shape == w.shape[1:2]  # Conv1D, ConvTranspose
+    if nd == 2:
+        return ["linear", "same"] if along_second else ["linear"]
+    if 3 <= nd <= 5:
+        return ["conv", "conv_transpose"] if along_second else ["conv"]
+    return []
+
+
+def _either_way(w: "_Attr", clues: dict[int, str]) -> ValueError:
+    nd = len(w.shape)
+    what = ("a Linear", "GPT-2 Conv1D") if nd == 2 else ("a Conv", "ConvTranspose")
+    return ValueError(
+        f"'{w.key}' of shape {w.shape} may be {what[0]} or {what[1]}: this state_dict has "
+        f"{what[1]} weights (e.g. '{clues[min(nd, 3)]}', whose bias runs along the second axis), "
+        "stored transposed, and this one's shape fits both, in torch and in a Flax template; "
+        "pass the torch model, whose classes decide: from_torch(model) or "
+        "from_torch(state_dict, template=model)"
+    )
+
+
+def _default_weight(w: "_Attr", b: "_Attr | None", kind: str | None, clues) -> tuple[str, str]:
+    """(Flax leaf, layout) of a `weight` by its module's class or the default shape rules."""
+    where = f"'{w.key}' of shape {w.shape}"
+    nd = len(w.shape)
+    if kind is not None:
+        name, _ = _split_layout(kind)
+        leaf, layout = _KIND_WEIGHT.get(name, ("kernel", None))
+        if layout is None:
+            layout = _kernel_layouts(w, b, kind)[0]
+        if not _valid(layout, w.shape):
+            raise ValueError(f"{where} does not fit its torch module ({kind})")
+        return leaf, layout
+    if nd == 1 or b is not None and b.shape == w.shape:
+        return "scale", "same"
+    if nd == 2 and b is None:
+        raise ValueError(
+            f"{where} is ambiguous: a Linear without bias (Flax kernel, transposed) or an "
+            f"Embedding (Flax embedding, same layout)? {_RESOLVE}"
+        )
+    layouts = _kernel_layouts(w, b, None)
+    if not layouts or b is not None and b.shape not in (w.shape[:1], w.shape[1:2]):
+        raise ValueError(
+            f"{where} has no default Flax layout (only Linear, GPT-2 Conv1D, Conv1d/2d/3d, "
+            f"ConvTranspose, Embedding and norm layers have one); {_RESOLVE}"
+        )
+    square = w.shape[0] == w.shape[1]
+    if b is not None and not square and b.shape == w.shape[1:2]:
+        return "kernel", layouts[1]  # bias along the second axis: Conv1D or ConvTranspose
+    if min(nd, 3) in clues and (square or b is None):
+        raise _either_way(w, clues)
+    return "kernel", layouts[0]
+
+
+def _rest(name: str, a: "_Attr") -> tuple[str, str, str]:
+    """A tensor no rule names: pruned tensors are Parameters (torch prunes nothing else), kept in
+    params under the torch name and layout; anything else verbatim in extra."""
+    return ("params", name, "same") if a.mask_key is not None else ("extra", name, "same")
+
+
+def _default_fit(attrs: dict[str, "_Attr"], kind: str | None, clues) -> dict[str, tuple[str, str, str]]:
+    """attr -> (collection, leaf, layout) by the module's class or the documented default rules."""
     fit = {}
-    weight, bias = attrs.get("weight"), attrs.get("bias")
-    for name in attrs:
+    mha, heads = _split_layout(kind or "")
+    for name, a in attrs.items():
         if name in _STATS:
             fit[name] = ("batch_stats", _STATS[name], "same")
         elif name == "bias":
             fit[name] = ("params", "bias", "same")
-        elif name != "weight":
-            fit[name] = ("extra", name, "same")
-    if weight is None:
-        return fit
-    where = f"'{weight.key}' of shape {weight.shape}"
-    nd = len(weight.shape)
-    if bias is not None and bias.shape == weight.shape or nd == 1:
-        fit["weight"] = ("params", "scale", "same")
-    elif nd == 2 and bias is not None and bias.shape == weight.shape[:1]:
-        fit["weight"] = ("params", "kernel", "linear")
-    elif nd == 2:
-        raise ValueError(
-            f"{where} is ambiguous: a Linear without bias (Flax kernel, transposed) or an "
-            "Embedding (Flax embedding, same layout)? Pass a template (template= or "
-            "--template: the Flax params, e.g. from jax.eval_shape(model.init, ...)) to decide"
-        )
-    elif 3 <= nd <= 5 and (bias is None or bias.shape == weight.shape[:1]):
-        fit["weight"] = ("params", "kernel", "conv")
-    else:
-        raise ValueError(
-            f"{where} has no default Flax layout (only Linear, Conv1d/2d/3d, Embedding and "
-            "norm layers have one); pass a template (template= or --template) to decide"
-        )
+        elif name == "weight":
+            fit[name] = ("params", *_default_weight(a, attrs.get("bias"), kind, clues))
+        elif mha == "mha" and name in _MHA_IN:
+            leaf, layout = _MHA_IN[name]
+            if not _valid(f"{layout}:{heads}", a.shape):
+                raise ValueError(f"'{a.key}' of shape {a.shape} does not fit {heads} heads")
+            fit[name] = ("params", leaf, f"{layout}:{heads}")
+        else:
+            fit[name] = _rest(name, a)
     return fit
 
 
 def _template_fit(
-    attrs: dict[str, _Attr], leaves: Mapping[str, Shape], stats: Mapping[str, Shape] | None
+    attrs: dict[str, "_Attr"],
+    leaves: Mapping[str, Shape],
+    stats: Mapping[str, Shape] | None,
+    kind: str | None,
+    clues,
 ) -> dict[str, tuple[str, str, str]] | str:
     """attr -> (collection, leaf, layout) fitting a template module, or why it does not fit."""
     fit, used = {}, set()
@@ -159,19 +344,54 @@ def _template_fit(
         if leaf is None:
             if name in ("weight", "bias"):
                 return f"'{a.key}' has no counterpart (leaves: {sorted(leaves)})"
-            fit[name] = ("extra", name, "same")
+            fit[name] = _rest(name, a)
             continue
-        layout = "same"
+        layouts = ["same"]
         if leaf == "kernel":
-            layout = "linear" if len(a.shape) == 2 else "conv"
-        want = flax_shape(layout, a.shape)
-        if tuple(leaves[leaf]) != want:
-            return f"'{a.key}' {a.shape} gives {leaf} {want}, the template has {tuple(leaves[leaf])}"
-        fit[name] = ("params", leaf, layout)
+            layouts = _kernel_layouts(a, attrs.get("bias"), kind) or ["same"]
+        want = tuple(leaves[leaf])
+        fitting = [lay for lay in layouts if _valid(lay, a.shape) and flax_shapes(lay, a.shape) == [want]]
+        if not fitting:
+            got = flax_shapes(layouts[0], a.shape)[0] if _valid(layouts[0], a.shape) else a.shape
+            return f"'{a.key}' {a.shape} gives {leaf} {got}, the template has {want}"
+        if len(fitting) > 1 and kind is None and min(len(a.shape), 3) in clues:
+            raise _either_way(a, clues)
+        fit[name] = ("params", leaf, fitting[0])
         used.add(leaf)
     if set(leaves) - used:
         return f"template leaves {sorted(set(leaves) - used)} have no torch tensor"
     return fit
+
+
+def _mha_template_fit(attrs, t_params, cand: tuple[str, ...], kind: str | None):
+    """attr -> (collection, leaf, layout) for a torch MultiheadAttention (`in_proj_weight`) whose
+    template counterpart is Flax's MultiHeadDotProductAttention at `cand` (query/key/value
+    modules), with its head count; or why it does not fit, or None if `cand` has no such modules."""
+    mods = [t_params.get((*cand, n)) for n in QKV]
+    if any(m is None for m in mods):
+        return None
+    kernel = mods[0].get("kernel")
+    if kernel is None or len(kernel) != 3:
+        return f"query kernel {kernel} is not 3-D (embed, heads, head_dim)"
+    heads = kernel[1]
+    if kind is not None and _split_layout(kind) != ("mha", heads):
+        return f"the torch module has {kind}, the template {heads} heads"
+    fit, used = {}, set()
+    for name, a in attrs.items():
+        if name not in _MHA_IN:
+            fit[name] = _rest(name, a)
+            continue
+        leaf, layout = _MHA_IN[name]
+        layout = f"{layout}:{heads}"
+        got = [tuple(m[leaf]) if leaf in m else None for m in mods]
+        if not _valid(layout, a.shape) or flax_shapes(layout, a.shape) != got:
+            return f"'{a.key}' {a.shape} does not give query/key/value {leaf} {got}"
+        fit[name] = ("params", leaf, layout)
+        used.add(leaf)
+    extra = sorted({leaf for m in mods for leaf in m} - used)
+    if extra:
+        return f"template leaves {extra} of query/key/value have no torch tensor"
+    return fit, heads
 
 
 # ------------------------------------------------------------------ templates
@@ -227,23 +447,50 @@ def _candidates(module: str) -> list[tuple[str, ...]]:
     return out
 
 
-def _fits_needed(attrs: dict[str, _Attr]) -> bool:
+def _fits_needed(attrs: dict[str, "_Attr"]) -> bool:
     return any(n == "weight" or n == "bias" or n in _STATS for n in attrs)
 
 
-def plan(shapes: Mapping[str, Shape], template=None) -> list[tuple[str, tuple, str]]:
+def _child(module: str, name: str) -> str:
+    return f"{module}.{name}" if module else name
+
+
+def _default_path(module: str, kinds: Mapping[str, str]) -> tuple[str, ...]:
+    """`a.b` -> `("a", "b")`; an attention's `out_proj` is Flax's `out`."""
+    if _split_layout(kinds.get(module, ""))[0] == "mha_out":
+        parent = module.rpartition(".")[0]
+        return (*(parent.split(".") if parent else ()), "out")
+    return tuple(module.split(".")) if module else ()
+
+
+def plan(shapes: Mapping[str, Shape], template=None, kinds: Mapping[str, str] | None = None) -> list:
     """The recipe for a state_dict (given as key -> shape), in key order.
 
+    Args:
+      shapes: torch key -> shape, in state_dict order.
+      template: optional Flax params (or variables) to match; it may cover only part of the
+        model: modules it does not name follow the default rules.
+      kinds: optional torch module path -> what its class makes known (`linear`, `conv1d`,
+        `conv`, `conv_transpose`, `embedding`, `norm`, `keep`, `mha:<heads>`).
+
     Raises:
-      ValueError: ambiguous layouts without a template, or a template that does not match.
+      ValueError: a layout nothing decides, a template that does not match, or two torch
+        tensors on one Flax leaf.
     """
     modules = parse(shapes)
-    fits: dict[str, tuple[tuple[str, ...], dict]] = {}
+    kinds = dict(kinds or {})
+    for module, kind in list(kinds.items()):
+        name, heads = _split_layout(kind)
+        if name == "mha" and _child(module, "out_proj") in modules:
+            kinds[_child(module, "out_proj")] = f"mha_out:{heads}"
+    clues = _clues(modules)
     if template is None:
-        for module, attrs in modules.items():
-            fits[module] = (tuple(module.split(".")) if module else (), _default_fit(module, attrs))
+        fits = {
+            module: (_default_path(module, kinds), _default_fit(attrs, kinds.get(module), clues))
+            for module, attrs in modules.items()
+        }
     else:
-        fits = _match_template(modules, *split_template(template))
+        fits = _match_template(modules, kinds, clues, *split_template(template))
     recipe = []
     for key in shapes:
         module, attr = _split(key)
@@ -251,63 +498,112 @@ def plan(shapes: Mapping[str, Shape], template=None) -> list[tuple[str, tuple, s
         attrs = modules[module]
         a = attrs.get(attr)
         if a is None:  # an _orig/_mask key: find its attr
-            base = attr[:-5]
-            a = attrs[base]
-            coll, leaf, layout = fit[base]
+            a = attrs[attr[:-5]]
+            coll, leaf, layout = fit[a.name]
             target = ("masks" if key == a.mask_key else coll, *path, leaf)
         else:
             coll, leaf, layout = fit[attr]
             target = ("extra",) if coll == "extra" else (coll, *path, leaf)
         recipe.append((key, target, layout))
+    _check_targets(recipe)
     return recipe
 
 
-def _match_template(modules, params, stats):
+def _check_targets(recipe: list) -> None:
+    """Refuses two torch tensors on one Flax leaf, and a leaf where another needs a module."""
+    owner: dict[tuple, str] = {}
+    for key, target, layout in recipe:
+        if target[0] in ("extra", "masks"):  # masks sit where their params do
+            continue
+        for leaf in leaves(target, layout):
+            if leaf in owner:
+                raise ValueError(
+                    f"'{owner[leaf]}' and '{key}' both map to {leaf[0]} leaf "
+                    f"'{'/'.join(leaf[1:])}'; rename one of them in torch"
+                )
+            owner[leaf] = key
+    for leaf, key in owner.items():
+        for i in range(2, len(leaf)):
+            if leaf[:i] in owner:
+                raise ValueError(
+                    f"'{owner[leaf[:i]]}' maps to {leaf[0]} leaf '{'/'.join(leaf[1:i])}', which "
+                    f"'{key}' needs as a module (for '{'/'.join(leaf[1:])}'); rename one of them "
+                    "in torch"
+                )
+
+
+def _match_template(modules, kinds, clues, params, stats):
+    """module -> (Flax path, fit): by the template where it names the module (by name, or by a
+    unique shape match), by the default rules where it does not."""
     t_params, t_stats = _modules(params), _modules(stats) if stats is not None else {}
     unmatched = dict.fromkeys([*t_params, *(p for p in t_stats if p not in t_params)])
-    fits, pending = {}, []
-    for module, attrs in modules.items():
-        if not _fits_needed(attrs) and not any(
-            c in unmatched and set(attrs) & set(t_params.get(c, {})) for c in _candidates(module)
-        ):
-            fits[module] = ((), {n: ("extra", n, "same") for n in attrs})
+    fits, forced = {}, {}
+
+    def refuse(cand, why):
+        raise ValueError(f"template does not match at '{'/'.join(cand) or '<root>'}': {why}")
+
+    for module, attrs in modules.items():  # attention first: its out_proj follows it
+        if "in_proj_weight" not in attrs:
             continue
-        found = False
         for cand in _candidates(module):
+            found = _mha_template_fit(attrs, t_params, cand, kinds.get(module))
+            if found is None:
+                continue
+            if isinstance(found, str):
+                refuse(cand, found)
+            fit, heads = found
+            fits[module] = (cand, fit)
+            for name in QKV:
+                unmatched.pop((*cand, name), None)
+            if _child(module, "out_proj") in modules:
+                kinds[_child(module, "out_proj")] = f"mha_out:{heads}"
+                forced[_child(module, "out_proj")] = (*cand, "out")
+            break
+    pending = []
+    for module, attrs in modules.items():
+        if module in fits:
+            continue
+        cands = [forced[module]] if module in forced else _candidates(module)
+        if not _fits_needed(attrs) and not any(
+            c in unmatched and set(attrs) & set(t_params.get(c, {})) for c in cands
+        ):
+            pending.append(module)
+            continue
+        for cand in cands:
             if cand in unmatched:
-                fit = _template_fit(attrs, t_params.get(cand, {}), t_stats.get(cand, None))
+                fit = _template_fit(
+                    attrs, t_params.get(cand, {}), t_stats.get(cand), kinds.get(module), clues
+                )
                 if isinstance(fit, str):
-                    where = "/".join(cand) or "<root>"
-                    raise ValueError(f"template does not match at '{where}': {fit}")
+                    refuse(cand, fit)
                 fits[module] = (cand, fit)
                 del unmatched[cand]
-                found = True
                 break
-        if not found:
+        else:
             pending.append(module)
     for module in pending:
         attrs = modules[module]
         options = []
-        for cand in unmatched:
-            fit = _template_fit(attrs, t_params.get(cand, {}), t_stats.get(cand, None))
-            if not isinstance(fit, str):
-                options.append((cand, fit))
-        shown = ", ".join(f"{a.key} {a.shape}" for a in attrs.values())
-        if not options:
-            left = ", ".join("/".join(p) for p in unmatched) or "none"
-            raise ValueError(
-                f"template does not match: torch module '{module}' ({shown}) has no counterpart "
-                f"in the template (unmatched template modules: {left})"
-            )
+        if _fits_needed(attrs):
+            for cand in unmatched:
+                fit = _template_fit(
+                    attrs, t_params.get(cand, {}), t_stats.get(cand), kinds.get(module), clues
+                )
+                if not isinstance(fit, str):
+                    options.append((cand, fit))
         if len(options) > 1:
+            shown = ", ".join(f"{a.key} {a.shape}" for a in attrs.values())
             names = ", ".join("/".join(c) for c, _ in options)
             raise ValueError(
                 f"template is ambiguous for torch module '{module}' ({shown}): it fits {names}; "
                 "name the Flax modules like the torch ones to decide"
             )
-        cand, fit = options[0]
-        fits[module] = (cand, fit)
-        del unmatched[cand]
+        if options:
+            fits[module] = options[0]
+            del unmatched[options[0][0]]
+        else:  # the template does not cover this module
+            path = forced.get(module) or _default_path(module, kinds)
+            fits[module] = (path, _default_fit(attrs, kinds.get(module), clues))
     if unmatched:
         left = ", ".join("/".join(p) or "<root>" for p in unmatched)
         raise ValueError(f"template does not match: template modules {left} have no torch tensors")
@@ -317,26 +613,89 @@ def _match_template(modules, params, stats):
 # ------------------------------------------------------------------ Flax -> torch default names
 
 
+def _flax_attention(p_mods: Mapping) -> dict[tuple[str, ...], tuple[int, bool]]:
+    """Flax MultiHeadDotProductAttention modules (query/key/value/out with 3-D kernels):
+    path -> (heads, use_bias). Refused unless torch's nn.MultiheadAttention can hold them."""
+    out = {}
+    for path in p_mods:
+        if not path or path[-1] != "query":
+            continue
+        parent = path[:-1]
+        mods = [p_mods.get((*parent, n)) for n in (*QKV, "out")]
+        if any(m is None or len(m.get("kernel", ())) != 3 for m in mods):
+            continue
+        e, h, d = mods[0]["kernel"]
+        bias = "bias" in mods[0]
+        want = [{"kernel": (e, h, d), **({"bias": (h, d)} if bias else {})}] * 3
+        want.append({"kernel": (h, d, e), **({"bias": (e,)} if bias else {})})
+        got = [{k: tuple(v) for k, v in m.items()} for m in mods]
+        if h * d != e or got != want:
+            raise ValueError(
+                f"Flax attention '{'/'.join(parent) or '<root>'}' (query, key, value, out: {got}) "
+                "has no torch counterpart: nn.MultiheadAttention holds query/key/value kernels "
+                "(E, H, E/H) of one E, out (H, E/H, E), and biases on all of them or none"
+            )
+        out[parent] = (h, bias)
+    return out
+
+
 def default_recipe(params: Mapping, stats: Mapping | None) -> list[tuple[str, tuple, str, bool]]:
     """Torch names for a Flax checkpoint without a recorded recipe.
 
     Returns entries `(torch_key, target, layout, synthesized)`; `synthesized` marks the
     `num_batches_tracked` counters torch's BatchNorm expects (value 0).
+
+    Raises:
+      ValueError: a kernel with no known torch layout, or two Flax modules that would become one
+        torch module (`a.b/*` and `a/b/*`).
     """
     p_mods = _modules(params)
     s_mods = _modules(stats) if stats else {}
+    attention = _flax_attention(p_mods)
     order = [*p_mods, *(p for p in s_mods if p not in p_mods)]
-    recipe = []
+    recipe, owner = [], {}
+
+    def claim(torch_path: tuple[str, ...], path: tuple[str, ...]) -> str:
+        name = ".".join(torch_path)
+        if owner.setdefault(name, path) != path:
+            first, second = ("/".join(p) for p in (owner[name], path))
+            raise ValueError(
+                f"Flax modules '{first}' and '{second}' would both become torch module '{name}'; "
+                "rename one of them"
+            )
+        return "".join(f"{c}." for c in torch_path)
+
     for path in order:
-        prefix = "".join(f"{c}." for c in path)
-        for leaf, shape in p_mods.get(path, {}).items():
+        if path[:-1] in attention and path[-1] in (*QKV, "out"):
+            if path[-1] == "query":  # the whole attention, in nn.MultiheadAttention's order
+                parent, (heads, bias) = path[:-1], attention[path[:-1]]
+                prefix, out = claim(parent, parent), claim((*parent, "out_proj"), (*parent, "out"))
+                recipe.append(
+                    (prefix + "in_proj_weight", ("params", *parent, "kernel"), f"qkv:{heads}", False)
+                )
+                if bias:
+                    recipe.append(
+                        (prefix + "in_proj_bias", ("params", *parent, "bias"), f"qkv_bias:{heads}", False)
+                    )
+                recipe.append(
+                    (out + "weight", ("params", *parent, "out", "kernel"), f"heads_out:{heads}", False)
+                )
+                if bias:
+                    recipe.append((out + "bias", ("params", *parent, "out", "bias"), "same", False))
+            continue
+        prefix = claim(path, path)
+        p_leaves = p_mods.get(path, {})
+        for leaf, shape in p_leaves.items():
             layout, name = "same", leaf
             if leaf == "kernel":
-                if not 2 <= len(shape) <= 5:
+                bias = p_leaves.get("bias")
+                if not 2 <= len(shape) <= 5 or bias is not None and len(bias) != 1:
                     where = "/".join((*path, leaf))
                     raise ValueError(
-                        f"params leaf '{where}' has shape {shape}; expected a 2-D (Dense) "
-                        "or 3-D to 5-D (Conv) kernel"
+                        f"params leaf '{where}' has shape {shape}"
+                        + (f" with a bias of shape {tuple(bias)}" if bias is not None else "")
+                        + ": expected a 2-D (Dense) or 3-D to 5-D (Conv) kernel with a 1-D bias; "
+                        "a DenseGeneral or attention kernel has no known torch layout"
                     )
                 layout = "linear" if len(shape) == 2 else "conv"
             if leaf in _WEIGHT_LEAVES:
