@@ -187,3 +187,174 @@ class FlaxTinyLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+# ----------------------------------------------------------------------------- the corpus
+# (test_interop_corpus): layers outside the default rules, each with a Flax twin where Flax has one.
+
+
+class Conv1D(torch.nn.Module):
+    """GPT-2's Conv1D (as in transformers.pytorch_utils): weight (in, out), forward x @ W + b."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = torch.nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], self.nf)
+
+
+class _GPT2Attn(torch.nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.c_attn = Conv1D(3 * d, d)
+        self.c_proj = Conv1D(d, d)  # square: a Linear has the same shapes
+
+
+class _GPT2MLP(torch.nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.c_fc = Conv1D(4 * d, d)
+        self.c_proj = Conv1D(d, 4 * d)
+
+
+def _torch_causal(q, k, v, heads: int):
+    b, t, d = q.shape
+    q, k, v = (z.reshape(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
+    att = q @ k.transpose(-1, -2) / (d // heads) ** 0.5
+    att = att.masked_fill(torch.ones(t, t).tril() == 0, float("-inf"))
+    return (torch.softmax(att, -1) @ v).transpose(1, 2).reshape(b, t, d)
+
+
+def _flax_causal(q, k, v, heads: int):
+    b, t, d = q.shape
+    q, k, v = (z.reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3) for z in (q, k, v))
+    att = q @ k.transpose(0, 1, 3, 2) / (d // heads) ** 0.5
+    att = jnp.where(jnp.tril(jnp.ones((t, t))) == 0, -jnp.inf, att)
+    return (nn.softmax(att, -1) @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
+
+
+class TorchGPT2Block(torch.nn.Module):
+    """A GPT-2 block built from Conv1D layers (weights stored (in, out))."""
+
+    def __init__(self, d: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = torch.nn.LayerNorm(d)
+        self.attn = _GPT2Attn(d)
+        self.ln_2 = torch.nn.LayerNorm(d)
+        self.mlp = _GPT2MLP(d)
+
+    def forward(self, x):
+        q, k, v = self.attn.c_attn(self.ln_1(x)).split(x.shape[-1], dim=-1)
+        x = x + self.attn.c_proj(_torch_causal(q, k, v, self.heads))
+        return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class _FlaxGPT2Attn(nn.Module):
+    d: int
+
+    def setup(self):
+        self.c_attn = nn.Dense(3 * self.d)
+        self.c_proj = nn.Dense(self.d)
+
+
+class _FlaxGPT2MLP(nn.Module):
+    d: int
+
+    def setup(self):
+        self.c_fc = nn.Dense(4 * self.d)
+        self.c_proj = nn.Dense(self.d)
+
+
+class FlaxGPT2Block(nn.Module):
+    """The same block with Flax Dense layers: a Dense kernel is (in, out), as Conv1D stores it."""
+
+    d: int = 8
+    heads: int = 2
+
+    def setup(self):
+        self.ln_1 = nn.LayerNorm(epsilon=1e-5)
+        self.attn = _FlaxGPT2Attn(self.d)
+        self.ln_2 = nn.LayerNorm(epsilon=1e-5)
+        self.mlp = _FlaxGPT2MLP(self.d)
+
+    def __call__(self, x):
+        q, k, v = jnp.split(self.attn.c_attn(self.ln_1(x)), 3, axis=-1)
+        x = x + self.attn.c_proj(_flax_causal(q, k, v, self.heads))
+        return x + self.mlp.c_proj(nn.gelu(self.mlp.c_fc(self.ln_2(x))))
+
+
+class TorchAttnNet(torch.nn.Module):
+    """nn.MultiheadAttention (packed in_proj_weight) then a Linear head."""
+
+    def __init__(self, d: int = 8, heads: int = 2, out: int = 4):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+        self.fc = torch.nn.Linear(d, out)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+class FlaxAttnNet(nn.Module):
+    heads: int = 2
+    out: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(x)
+        return nn.Dense(self.out, name="fc")(x)
+
+
+class TorchEmbedNet(torch.nn.Module):
+    """Embedding + LayerNorm + Linear: the embedding is a 2-D weight without bias."""
+
+    def __init__(self, vocab: int = 20, d: int = 8, out: int = 5):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.fc = torch.nn.Linear(d, out)
+
+    def forward(self, ids):
+        return self.fc(self.norm(self.emb(ids)))
+
+
+class FlaxEmbedNet(nn.Module):
+    vocab: int = 20
+    d: int = 8
+    out: int = 5
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(self.vocab, self.d, name="emb")(ids)
+        return nn.Dense(self.out, name="fc")(nn.LayerNorm(epsilon=1e-5, name="norm")(x))
+
+
+class TorchUpNet(torch.nn.Module):
+    """Conv, then two ConvTranspose2d: (I, O) = (4, 6) with bias, and a square bias-less (6, 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.up1 = torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1)
+        self.up2 = torch.nn.ConvTranspose2d(6, 6, 2, stride=2, bias=False)
+
+    def forward(self, x):
+        return self.up2(F.relu(self.up1(F.relu(self.conv(x)))))
+
+
+class FlaxUpNet(nn.Module):
+    """The same on NHWC. Flax's ConvTranspose pads differently: torch's padding p crops p from
+    each side of the full ("VALID") output."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), name="conv")(x))
+        x = nn.ConvTranspose(6, (3, 3), strides=(2, 2), padding="VALID", name="up1")(x)[:, 1:-1, 1:-1]
+        return nn.ConvTranspose(6, (2, 2), strides=(2, 2), padding="VALID", use_bias=False, name="up2")(
+            nn.relu(x)
+        )
