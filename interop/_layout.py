@@ -241,11 +241,13 @@ def _kernel_layouts(w: "_Attr", b: "_Attr | None", kind: str | None) -> list[str
         leaf, layout = _KIND_WEIGHT.get(name, (None, None))
         return [layout] if leaf == "kernel" else []
     nd = len(w.shape)
-    along_second = b is not None and b.shape == w.shape[1:2]  # Conv1D, ConvTranspose
+    # A bias along the first axis rules out Conv1D and ConvTranspose; none, or one along the
+    # second axis, leaves both readings open (a template's shape then decides).
+    either = b is None or b.shape == w.shape[1:2]
     if nd == 2:
-        return ["linear", "same"] if along_second else ["linear"]
+        return ["linear", "same"] if either else ["linear"]
     if 3 <= nd <= 5:
-        return ["conv", "conv_transpose"] if along_second else ["conv"]
+        return ["conv", "conv_transpose"] if either else ["conv"]
     return []
 
 

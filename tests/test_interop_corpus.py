@@ -478,3 +478,24 @@ def test_recipe_layouts_are_checked_not_guessed():
     _named_error(lambda: to_torch(truncated), "malformed entry")
     old = {**ckpt, "torch": {**ckpt["torch"], "recipe": json.dumps({**meta, "version": 1})}}
     assert_identical(to_torch(old), model.state_dict())  # version 1 recipes read as before
+
+
+@pytest.mark.parametrize("name", ["mha", "conv-transpose", "gpt2-conv1d"])
+def test_flax_params_export_by_a_torch_template(name):
+    """Flax-trained params -> torch names and layouts from the torch model (its classes decide),
+    or from a bare state_dict, which must refuse what its shapes cannot tell."""
+    spec = SPECS[name]
+    x, flax_model, fx, to_flax_layout = spec.twin()
+    params = jax.tree.map(np.asarray, flax_model.init(jax.random.key(2), fx)["params"])
+    masks = jp.l1_unstructured(params, 0.3, select="*kernel")
+    want = np.asarray(flax_model.apply({"params": jp.apply_masks(params, masks)}, fx))
+    torch_model = spec.build()
+    sd = to_torch({"params": params, "masks": masks}, template=torch_model)
+    load_pruned_state_dict(torch_model, sd)
+    with torch.no_grad():
+        np.testing.assert_allclose(to_flax_layout(torch_model(x).numpy()), want, atol=2e-5)
+    bare = spec.build().state_dict()
+    if spec.refused is None:
+        assert_identical(to_torch({"params": params, "masks": masks}, template=bare), sd)
+    else:
+        _named_error(lambda: to_torch({"params": params, "masks": masks}, template=bare), spec.refused)
