@@ -6,7 +6,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from . import _convert, _files, _layout
+from . import _arrays, _convert, _files, _layout
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -50,6 +50,11 @@ def _flax_rows(ckpt: Mapping) -> tuple[list[dict], int]:
         if _convert._present(m):
             kept = int(np.count_nonzero(np.asarray(m)))
             rows.append(_row("/".join(path), p.shape, str(p.dtype), p.size, kept))
+    # Tensors kept verbatim (an unpruned LSTM weight_ih_l0...) count as the torch summary counts them.
+    for key, value in ((ckpt.get("torch") or {}).get("extra") or {}).items():
+        value = np.asarray(value)
+        if _arrays.to_torch_dtype(value).is_floating_point and key.rpartition(".")[2] not in _BUFFERS:
+            numel += value.size
     return rows, numel
 
 

@@ -214,8 +214,11 @@ def test_summaries_count_torch_zeros(case):
     masks = masks_of(case.sd)
     rows = {r["name"]: r["pruned"] for r in summarize(case.sd)["tensors"]}
     assert rows == {k[:-5]: int((m == 0).sum()) for k, m in masks.items()}
-    total = sum(rows.values())
-    assert summarize(from_torch(case.model))["pruned"] == total
+    torch_summary = summarize(case.sd)
+    for ckpt in (from_torch(case.model), from_torch(case.sd, template=case.model)):
+        flax_summary = summarize(ckpt)
+        for field in ("pruned", "numel_pruned_tensors", "numel_params", "sparsity"):
+            assert flax_summary[field] == torch_summary[field], field
 
 
 def test_every_file_format(case, tmp_path):
