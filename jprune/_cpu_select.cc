@@ -11,10 +11,9 @@
 //   (kept above, pruned below) and gathers the bucket's few keys with their positions; the k-th key
 //   is found among those, and their masks are written last, ties in flat order;
 // - a large bucket (ties: after `remove`, half a leaf can be exact zeros): no gathering. The k-th key
-//   t is exact zero if the zeros counted by the histogram pass reach it, else a histogram of the low
-//   16 bits inside the bucket finds it; one pass writes every mask with all ties at t on the same
-//   side, counting ties per chunk, and a last pass over only the chunks on the cheaper side of the
-//   tie boundary moves the ties that belong to the other side.
+//   t is exact zero if the zeros the histogram pass counted (per chunk) reach it; else a histogram
+//   of the low 16 bits inside the bucket finds t and a counting pass finds its ties per chunk. Then
+//   one pass writes every mask, each chunk knowing how many of its ties come first in flat order.
 // Groups of at most 2^14 entries skip the histogram and gather every key. Work is split over XLA's
 // intra-op thread pool: chunks of one group (with per-thread histograms), or whole groups when
 // there are several.
@@ -31,6 +30,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -273,40 +273,36 @@ void Split(const Chunk& c, uint32_t lo, uint32_t hi, Undecided& out) {
 }
 
 // One pass that writes every mask of a chunk once the k-th key t is known: kept above t, pruned
-// below, ties at t kept if `ties_kept` (a later pass moves the ones that belong to the other side).
-// Returns the number of ties in the chunk.
-int64_t Write(const Chunk& c, uint32_t t, bool ties_kept) {
+// below, and of the ties at t the first `prune` of the chunk (in flat order) pruned, the rest kept.
+// Blocks wholly on one side of the tie boundary vectorize; the block that holds it carries a
+// running count (still no branch per entry).
+void Write(const Chunk& c, uint32_t t, int64_t prune) {
   bool* keep = c.leaf->keep;
-  int64_t ties = 0;
   for (int64_t b = c.begin; b < c.end; b += 64) {
     const Chunk block{c.leaf, b, std::min(c.end, b + 64)};
-    int32_t n = 0;
-    ForKeys(block, [keep, &n, t, ties_kept](int64_t i, uint32_t key) {
-      keep[i] = ((key > t) | ((key == t) & ties_kept)) & (key != kSentinel);
-      n += key == t;
-    });
-    ties += n;
+    if (prune <= 0 || prune >= 64) {
+      const bool ties_kept = prune <= 0;
+      int32_t n = 0;
+      ForKeys(block, [keep, &n, t, ties_kept](int64_t i, uint32_t key) {
+        keep[i] = ((key > t) | ((key == t) & ties_kept)) & (key != kSentinel);
+        n += key == t;
+      });
+      if (!ties_kept) prune -= n;
+    } else {
+      ForKeys(block, [keep, &prune, t](int64_t i, uint32_t key) {
+        const bool tie = key == t;
+        keep[i] = ((key > t) | (tie & (prune <= 0))) & (key != kSentinel);
+        prune -= tie;
+      });
+    }
   }
-  return ties;
 }
 
-// Sets keep = `value` for the ties at t of a chunk whose ordinal (in flat order, from 0) is in
-// [from, to); `all`: that is every tie of the chunk.
-void MoveTies(const Chunk& c, uint32_t t, int64_t from, int64_t to, bool all, bool value) {
-  bool* keep = c.leaf->keep;
-  if (all) {  // branch-free, vectorizable
-    ForKeys(c, [keep, t, value](int64_t i, uint32_t key) {
-      keep[i] = key == t ? value : keep[i];
-    });
-    return;
-  }
-  int64_t j = 0;
-  ForKeys(c, [keep, t, value, from, to, &j](int64_t i, uint32_t key) {
-    if (key == t) {
-      if (j >= from && j < to) keep[i] = value;
-      ++j;
-    }
-  });
+// The number of keys equal to t in a chunk.
+int64_t CountTies(const Chunk& c, uint32_t t) {
+  int64_t n = 0;
+  ForKeys(c, [&n, t](int64_t, uint32_t key) { n += key == t; });
+  return n;
 }
 
 // Adds the high 16 bits of a chunk's keys to a histogram of kBins + kLanes slots. Exact zeros go to
@@ -410,21 +406,36 @@ JPRUNE_TARGET void SplitAvx512(const Chunk& c, uint32_t lo, uint32_t hi, Undecid
 
 // Write with AVX-512F intrinsics.
 template <Kind K>
-JPRUNE_TARGET int64_t WriteAvx512(const Chunk& c, uint32_t t, bool ties_kept) {
+JPRUNE_TARGET void WriteAvx512(const Chunk& c, uint32_t t, int64_t prune) {
   const Leaf& leaf = *c.leaf;
   bool* keep = leaf.keep;
   const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
   const __m512i sentinel = _mm512_set1_epi32(-1);
-  int64_t i = c.begin, ties = 0;
+  int64_t i = c.begin;
   for (; i + 16 <= c.end; i += 16) {
     const __m512i key = Load16<K>(leaf, i);
-    const __mmask16 eq = _mm512_cmpeq_epi32_mask(key, vt);
-    __mmask16 kept = _mm512_mask_cmpneq_epu32_mask(_mm512_cmpgt_epu32_mask(key, vt), key, sentinel);
-    if (ties_kept) kept |= eq;  // t is a real key, never the sentinel
-    Store16(keep + i, kept);
-    ties += __builtin_popcount(eq);
+    const __mmask16 above = _mm512_mask_cmpneq_epu32_mask(_mm512_cmpgt_epu32_mask(key, vt), key, sentinel);
+    __mmask16 ties = _mm512_cmpeq_epi32_mask(key, vt);  // t is a real key, never the sentinel
+    if (prune > 0) {
+      const int n = __builtin_popcount(ties);
+      if (prune >= n) {
+        ties = 0;
+      } else {
+        for (int64_t r = prune; r > 0; --r) ties &= ties - 1;  // drop the first `prune`
+      }
+      prune -= std::min<int64_t>(prune, n);
+    }
+    Store16(keep + i, above | ties);
   }
-  return ties + Write({c.leaf, i, c.end}, t, ties_kept);
+  Write({c.leaf, i, c.end}, t, prune);
+}
+
+template <Kind K>
+JPRUNE_TARGET int64_t CountTiesAvx512(const Chunk& c, uint32_t t) {
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  int64_t i = c.begin, n = 0;
+  for (; i + 16 <= c.end; i += 16) n += __builtin_popcount(_mm512_cmpeq_epi32_mask(Load16<K>(*c.leaf, i), vt));
+  return n + CountTies({c.leaf, i, c.end}, t);
 }
 
 void SplitFast(const Chunk& c, uint32_t lo, uint32_t hi, Undecided& out) {
@@ -440,16 +451,29 @@ void SplitFast(const Chunk& c, uint32_t lo, uint32_t hi, Undecided& out) {
   }
 }
 
-int64_t WriteFast(const Chunk& c, uint32_t t, bool ties_kept) {
+void WriteFast(const Chunk& c, uint32_t t, int64_t prune) {
   switch (c.leaf->kind) {
     case Kind::kF32:
-      return WriteAvx512<Kind::kF32>(c, t, ties_kept);
+      return WriteAvx512<Kind::kF32>(c, t, prune);
     case Kind::kU32:
-      return WriteAvx512<Kind::kU32>(c, t, ties_kept);
+      return WriteAvx512<Kind::kU32>(c, t, prune);
     case Kind::kBF16:
-      return WriteAvx512<Kind::kBF16>(c, t, ties_kept);
+      return WriteAvx512<Kind::kBF16>(c, t, prune);
     case Kind::kF16:
-      return WriteAvx512<Kind::kF16>(c, t, ties_kept);
+      return WriteAvx512<Kind::kF16>(c, t, prune);
+  }
+}
+
+int64_t CountTiesFast(const Chunk& c, uint32_t t) {
+  switch (c.leaf->kind) {
+    case Kind::kF32:
+      return CountTiesAvx512<Kind::kF32>(c, t);
+    case Kind::kU32:
+      return CountTiesAvx512<Kind::kU32>(c, t);
+    case Kind::kBF16:
+      return CountTiesAvx512<Kind::kBF16>(c, t);
+    case Kind::kF16:
+      return CountTiesAvx512<Kind::kF16>(c, t);
   }
   return 0;
 }
@@ -483,25 +507,30 @@ class Group {
       k = std::min(k, bracketed);
       return Decide(k > 0 ? Rank(k - below - 1) : Kth{});
     }
-    if (k == 0) return WriteAll(Kth{0, 0}, 0);  // keep every candidate
+    if (k == 0) return WriteAll(Kth{0, 0}, nullptr);  // keep every candidate
     const Bucket b = FindBucket(k);
-    if (b.k == 0) return WriteAll(Kth{0, 0}, 0);  // no candidates
+    if (b.k == 0) return WriteAll(Kth{0, 0}, nullptr);  // no candidates
     const int64_t r = b.k - b.below;  // the k-th key is the r-th (from 1) of the bucket
     if (b.count * kGatherShare <= total_) {  // few keys in the bucket: gather them
       int64_t below = 0, bracketed = 0;
       SplitAll(b.bucket << 16, (b.bucket << 16) | 0xFFFF, &below, &bracketed);
       return Decide(Rank(r - 1));
     }
-    // A large bucket: find the k-th key t without gathering, then write every mask.
-    Kth kth;
-    int64_t ties;
-    if (b.bucket == 0 && b.zeros >= r) {  // t is exact zero (as after `remove`)
-      kth = {0, r};
-      ties = b.zeros;
-    } else {
-      ties = Low(b.bucket, r, &kth);
-    }
-    WriteAll(kth, ties);
+    // A large bucket: find the k-th key t without gathering, count its ties per chunk, then write
+    // every mask in one pass.
+    if (b.bucket == 0 && zeros_.back() >= r) return WriteAll(Kth{0, r}, &zeros_);  // as after `remove`
+    const Kth kth = Low(b.bucket, r);
+    std::vector<int64_t> ties(chunks_.size() + 1, 0);
+    ForChunks([&](int64_t c, int) {
+#ifdef JPRUNE_AVX512
+      if (avx512_) {
+        ties[c] = CountTiesFast(chunks_[c], kth.t);
+        return;
+      }
+#endif
+      ties[c] = CountTies(chunks_[c], kth.t);
+    });
+    WriteAll(kth, &ties);
   }
 
  private:
@@ -518,7 +547,6 @@ class Group {
     uint32_t bucket = 0;  // the high 16 bits of the k-th key
     int64_t below = 0;    // keys in lower buckets
     int64_t count = 0;    // keys in the bucket
-    int64_t zeros = 0;    // exact zeros (in bucket 0)
   };
 
   template <class F>
@@ -543,76 +571,58 @@ class Group {
     return n;
   }
 
-  // The bucket of the k-th key, from a histogram of the high 16 key bits.
+  // The bucket of the k-th key, from a histogram of the high 16 key bits. Counts the exact zeros
+  // too: per chunk in zeros_, and their total as its last entry.
   Bucket FindBucket(int64_t k) {
     std::vector<Scratch> hist = Histograms();
-    ForChunks([&](int64_t c, int slot) { Histogram(chunks_[c], hist[slot].data()); });
+    zeros_.assign(chunks_.size() + 1, 0);
+    ForChunks([&](int64_t c, int slot) {
+      const uint32_t* lanes = hist[slot].data() + kBins;
+      const int64_t before = std::accumulate(lanes, lanes + kLanes, int64_t{0});
+      Histogram(chunks_[c], hist[slot].data());
+      zeros_[c] = std::accumulate(lanes, lanes + kLanes, int64_t{0}) - before;
+    });
+    const int64_t zeros = std::accumulate(zeros_.begin(), zeros_.end() - 1, int64_t{0});
+    zeros_.back() = zeros;
     Bucket b;
-    for (int64_t lane = kBins; lane < kBins + kLanes; ++lane) b.zeros += Sum(hist, lane);
     const int64_t sentinels = Sum(hist, kBins - 1);  // the top bin holds only sentinels
     b.k = std::clamp<int64_t>(k, 0, total_ - sentinels);
     if (b.k == 0) return b;
     for (;; ++b.bucket) {
-      b.count = Sum(hist, b.bucket) + (b.bucket == 0 ? b.zeros : 0);
+      b.count = Sum(hist, b.bucket) + (b.bucket == 0 ? zeros : 0);
       if (b.below + b.count >= b.k) break;
       b.below += b.count;
     }
     return b;
   }
 
-  // The r-th key (from 1) of a bucket, from a histogram of the low 16 bits of its keys; returns the
-  // number of keys equal to it.
-  int64_t Low(uint32_t bucket, int64_t r, Kth* kth) {
+  // The r-th key (from 1) of a bucket, from a histogram of the low 16 bits of its keys.
+  Kth Low(uint32_t bucket, int64_t r) {
     std::vector<Scratch> hist = Histograms();
     ForChunks([&](int64_t c, int slot) { HistogramLow(chunks_[c], bucket, hist[slot].data()); });
     int64_t less = 0;
-    uint32_t low = 0;
-    for (;; ++low) {
+    for (uint32_t low = 0;; ++low) {
       const int64_t n = Sum(hist, low);
-      if (less + n >= r) {
-        *kth = {(bucket << 16) | low, r - less};
-        return n;
-      }
+      if (less + n >= r) return {(bucket << 16) | low, r - less};
       less += n;
     }
   }
 
-  // Writes every mask for the k-th key: ties at t go to the side that fewer of them belong to
-  // (`take` of `ties` are pruned), then the chunks before (or after) the boundary are fixed.
-  void WriteAll(Kth kth, int64_t ties) {
-    const bool ties_kept = kth.take <= ties - kth.take;
-    std::vector<int64_t> per_chunk(chunks_.size(), 0);
+  // Writes every mask for the k-th key, given the number of ties at t in each chunk (`ties`, one
+  // per chunk and maybe one more; nullptr if none is pruned): a chunk prunes the first of its
+  // ties that are among the first `take` of the group.
+  void WriteAll(Kth kth, const std::vector<int64_t>* ties) {
+    std::vector<int64_t> prune(chunks_.size(), 0);
+    int64_t before = 0;  // ties in the chunks before this one
+    for (size_t c = 0; ties != nullptr && c < chunks_.size(); ++c) {
+      prune[c] = std::clamp<int64_t>(kth.take - before, 0, (*ties)[c]);
+      before += (*ties)[c];
+    }
     ForChunks([&](int64_t c, int) {
 #ifdef JPRUNE_AVX512
-      if (avx512_) {
-        per_chunk[c] = WriteFast(chunks_[c], kth.t, ties_kept);
-        return;
-      }
+      if (avx512_) return WriteFast(chunks_[c], kth.t, prune[c]);
 #endif
-      per_chunk[c] = Write(chunks_[c], kth.t, ties_kept);
-    });
-    if (kth.take == 0 || kth.take == ties) return;  // every tie is on the side written
-    // Chunks to fix, with the ordinals of their ties to move: [from, to).
-    struct Fix {
-      int64_t chunk, from, to;
-    };
-    std::vector<Fix> fixes;
-    int64_t seen = 0;  // ties in the chunks before this one
-    for (int64_t c = 0; c < static_cast<int64_t>(chunks_.size()); ++c) {
-      const int64_t n = per_chunk[c];
-      if (n > 0) {
-        if (ties_kept && seen < kth.take) {  // prune the ties before the boundary
-          fixes.push_back({c, 0, std::min(n, kth.take - seen)});
-        } else if (!ties_kept && seen + n > kth.take) {  // keep the ties after it
-          fixes.push_back({c, std::max<int64_t>(0, kth.take - seen), n});
-        }
-      }
-      seen += n;
-    }
-    ParallelFor(pool_, workers_, static_cast<int64_t>(fixes.size()), [&](int64_t i, int) {
-      const Fix& f = fixes[i];
-      const bool all = f.from == 0 && f.to == per_chunk[f.chunk];
-      MoveTies(chunks_[f.chunk], kth.t, f.from, f.to, all, !ties_kept);
+      Write(chunks_[c], kth.t, prune[c]);
     });
   }
 
@@ -684,6 +694,7 @@ class Group {
   std::vector<Leaf*> leaves_;
   std::vector<Chunk> chunks_;
   std::vector<Undecided> parts_;
+  std::vector<int64_t> zeros_;  // exact zeros per chunk, then their total (FindBucket)
   ffi::ThreadPool* pool_;
   bool avx512_;
   int workers_;
