@@ -252,11 +252,15 @@ def _read_recipe(recipe) -> dict:
         meta = json.loads(str(recipe))
     except ValueError as e:
         raise ValueError(f"ckpt['torch']['recipe'] is not JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("version") not in _RECIPE_VERSIONS:
-        version = meta.get("version") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError(f"ckpt['torch']['recipe'] is {type(meta).__name__} JSON, expected an object")
+    if meta.get("version") not in _RECIPE_VERSIONS:
         raise ValueError(
-            f"ckpt['torch']['recipe'] has version {version!r}, expected one of {_RECIPE_VERSIONS}"
+            f"ckpt['torch']['recipe'] has version {meta.get('version')!r}, expected one of {_RECIPE_VERSIONS}"
         )
+    metadata = meta.get("metadata", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, dict) for v in metadata.values()):
+        raise ValueError("ckpt['torch']['recipe'] has metadata that is not {module: {name: value}}")
     keys = meta.get("keys")
     for entry in keys if isinstance(keys, list) else [keys]:
         ok = isinstance(entry, list) and len(entry) == 4

@@ -502,3 +502,19 @@ def test_flax_params_export_by_a_torch_template(name):
         assert_identical(to_torch({"params": params, "masks": masks}, template=bare), sd)
     else:
         _named_error(lambda: to_torch({"params": params, "masks": masks}, template=bare), spec.refused)
+
+
+@pytest.mark.parametrize(
+    "recipe, match",
+    [
+        ("5", "int JSON, expected an object"),
+        ("{", "is not JSON"),
+        ('{"version": 3, "keys": []}', "version 3"),
+        ('{"version": 2, "keys": 7}', "malformed entry 7"),
+        ('{"version": 2, "keys": [], "metadata": [1]}', "metadata"),
+    ],
+)
+def test_malformed_recipe_is_named(recipe, match):
+    ckpt = {"params": {"w": np.ones(2, np.float32)}, "torch": {"recipe": recipe}}
+    with pytest.raises(ValueError, match=r"ckpt\['torch'\]\['recipe'\].*" + match):
+        to_torch(ckpt)
