@@ -223,12 +223,44 @@ def as_device_amount(amount, max_n: int = MAX_COUNT):
     return _U(m >> 32), _U(m & 0xFFFFFFFF), jnp.int32(53 - e), jnp.int32(prec)
 
 
-def count_on_device(amount, n, *, max_n: int):
-    """The count for a candidate count ``n`` known only on the device (``n <= max_n``): a traced
-    amount as ``count_traced`` reads it, a host amount exactly as ``count`` would round it."""
-    if is_traced(amount):
-        return _count_traced(amount, n)
-    return _count_traced(as_device_amount(amount, max_n), n)
+def counts(amount, live, sizes, *, where, traced: bool) -> list:
+    """The count of every group, the one rule for all methods: torch's validation, then torch's
+    count on the host, or on the device when the amount or the remaining counts are traced.
+
+    Args:
+      amount: the amount as given (validated here).
+      live: per group, the remaining candidates: an int, or an int32 device scalar.
+      sizes: per group, the static number of entries (``live <= sizes``).
+      where: per group, the ``"path: "`` that starts its error messages.
+      traced: whether ``live`` is only known on the device (traced masks).
+
+    Returns:
+      One count per group: Python ints, or int32 device scalars (clipped to ``[0, live]``: errors
+      cannot be raised on the device; what can be known from ``sizes`` is raised here).
+
+    Raises:
+      TypeError, ValueError, OverflowError: as ``validate``, ``count`` and ``as_device_amount``,
+        the message starting with the group's path.
+    """
+    amount = validate(amount)
+    if traced or is_traced(amount):
+        out = []
+        for n, size, w in zip(live, sizes, where):
+            if is_traced(amount):
+                out.append(_count_traced(amount, n))
+                continue
+            try:
+                out.append(_count_traced(as_device_amount(amount, size), n))
+            except (ValueError, OverflowError) as e:
+                raise type(e)(f"{w}{e}") from None
+        return out
+    ks = []
+    for n, w in zip(jax.device_get(list(live)), where):
+        try:
+            ks.append(count(amount, int(n)))
+        except ValueError as e:
+            raise ValueError(f"{w}{e}") from None
+    return ks
 
 
 _count_traced = jax.jit(count_traced)

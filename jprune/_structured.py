@@ -92,8 +92,8 @@ def live_channels(masks, *, axes):
     return [None if m is None else jnp.sum(channel_mask(m, a), dtype=jnp.int32) for m, a in zip(masks, axes)]
 
 
-@partial(jax.jit, static_argnames=("axes", "n", "kind", "from_amount"))
-def _prune(values, masks, scores, rngs, k, *, axes, n, kind, from_amount):
+@partial(jax.jit, static_argnames=("axes", "n", "kind"))
+def _prune(values, masks, scores, rngs, k, *, axes, n, kind):
     out = []
     for i, (v, m, s, r, axis) in enumerate(zip(values, masks, scores, rngs, axes)):
         c = v.shape[axis]
@@ -102,10 +102,8 @@ def _prune(values, masks, scores, rngs, k, *, axes, n, kind, from_amount):
         else:  # norms keep their dtype's order: float64 norms get 64-bit keys
             keys = _select.magnitude_keys(channel_norms(effective(v, m) if s is None else s, n, axis))
         live = None if m is None else channel_mask(m, axis)
-        left = c if live is None else jnp.sum(live, dtype=jnp.int32)
-        ki = _amount.count_traced(k, left) if from_amount else k[i]
         bits = 8 * keys.dtype.itemsize
-        keep = _select.prune_smallest([(_select.given, (keys, live))], ki, bits=bits)[0]
+        keep = _select.prune_smallest([(_select.given, (keys, live))], k[i], bits=bits)[0]
         keep = expand(keep, v.shape, axis)
         out.append(keep if m is None else m & keep)
     return out
@@ -113,7 +111,6 @@ def _prune(values, masks, scores, rngs, k, *, axes, n, kind, from_amount):
 
 def run(tree: Tree, idx, amount, axis, *, kind, n=None, key=None):
     """Prune channels of the selected leaves; returns the masks pytree."""
-    amount = _amount.validate(amount)
     axes = tuple(normalize_axis(axis, tree.values[i].shape, tree.paths[i]) for i in idx)
     if kind == "ln":
         for i in idx:
@@ -128,36 +125,20 @@ def run(tree: Tree, idx, amount, axis, *, kind, n=None, key=None):
         raise TypeError("random pruning needs an explicit PRNG key: pass key=jax.random.key(0)")
     masks = [tree.masks[i] for i in idx]
     channels = [tree.values[i].shape[a] for i, a in zip(idx, axes)]
-    from_amount = _amount.is_traced(amount) or tree.any_traced(idx)
-    if from_amount:
-        k = amount
-        if not _amount.is_traced(amount):
-            for i, c in zip(idx, channels):  # what the host count would refuse for any live count
-                try:
-                    k = _amount.as_device_amount(amount, c)
-                except ValueError as e:
-                    raise ValueError(f"{tree.where(i)}{e}") from None
-    else:
-        live = jax.device_get(live_channels(masks, axes=axes))
-        sizes = [c if n is None else n for c, n in zip(channels, live)]
-        ks = []
-        for i, c in zip(idx, sizes):
-            try:
-                ks.append(_amount.count(amount, int(c)))
-            except ValueError as e:
-                raise ValueError(f"{tree.where(i)}{e}") from None
-        k = jnp.asarray(ks, jnp.int32)
+    live = live_channels(masks, axes=axes)
+    live = [c if n is None else n for c, n in zip(channels, live)]
+    where = [tree.where(i) for i in idx]
+    k = _amount.counts(amount, live, channels, where=where, traced=tree.any_traced(idx))
     rngs = list(jax.random.split(key, len(idx))) if kind == "random" else [None] * len(idx)
     new = _prune(
         [tree.values[i] for i in idx],
         masks,
         [tree.scores[i] for i in idx],
         rngs,
-        k,
+        jnp.asarray(k, jnp.int32),
         axes=axes,
         n=n,
         kind=kind,
-        from_amount=from_amount,
     )
     return tree.with_masks(dict(zip(idx, new)))
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _amount, _select
+from ._masks import apply_masks
 from ._tree import Tree, path_str
 from ._unstructured import global_unstructured, l1_unstructured
 
@@ -381,8 +382,10 @@ def polynomial_sparsity(
 
 def _target_count(sparsity: Any, n: int) -> jax.Array:
     """``round(sparsity * n)`` as an int32 device scalar (Python's rounding, no host sync)."""
-    if isinstance(sparsity, jax.Array):
+    if _amount.is_traced(sparsity):
         return _amount.count_traced(sparsity, n)
+    if isinstance(sparsity, jax.Array):  # concrete: checked like a number
+        sparsity = float(sparsity) if jnp.ndim(sparsity) == 0 else sparsity
     _check_fraction("sparsity", sparsity)
     return _amount.count_traced(_amount.as_device_amount(float(sparsity)), n)
 
@@ -511,9 +514,6 @@ def update_masks(
                 "update_masks needs a mask array (not None) on every leaf it prunes, so the "
                 "train step keeps one compiled program; start from jp.identity(params, select=...)"
             )
-        zeroed = jax.tree.map(
-            lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)), params, new
-        )
-        return zeroed, new
+        return apply_masks(params, new), new  # torch's orig * mask, the one way masks are applied
 
     return jax.lax.cond(jnp.asarray(step) % frequency == 0, recompute, lambda ops: ops, (params, masks))

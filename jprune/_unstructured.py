@@ -51,30 +51,18 @@ def remaining(masks):
 
 
 def counts(tree: Tree, idx, amount, *, joint: bool):
-    """The count(s) k: torch's rule and errors on the host, or on the device for a traced amount."""
+    """The count(s) k: one for the whole group (``joint``) or one per leaf (``_amount.counts``)."""
     sizes = [tree.values[i].size for i in idx]
-    if joint:
-        _select.check_group_size(sum(sizes))
     for i, n in zip(idx, sizes):
         _select.check_group_size(n, tree.where(i))
-    amount = _amount.validate(amount)
     masks = [tree.masks[i] for i in idx]
-    left = remaining(masks) if any(m is not None for m in masks) else masks
-    left = [n if m is None else m for n, m in zip(sizes, left)]
-    if _amount.is_traced(amount) or tree.any_traced(idx):  # no host sync, no exceptions
-        if joint:
-            return _amount.count_on_device(amount, sum(left), max_n=sum(sizes))
-        return [_amount.count_on_device(amount, n, max_n=s) for n, s in zip(left, sizes)]
-    left = [int(n) for n in jax.device_get(left)]
+    live = remaining(masks) if any(m is not None for m in masks) else masks
+    live = [n if m is None else m for n, m in zip(sizes, live)]
+    traced = tree.any_traced(idx)
     if joint:
-        return _amount.count(amount, sum(left))
-    ks = []
-    for i, n in zip(idx, left):
-        try:
-            ks.append(_amount.count(amount, n))
-        except ValueError as e:
-            raise ValueError(f"{tree.where(i)}{e}") from None
-    return ks
+        _select.check_group_size(sum(sizes))
+        return _amount.counts(amount, [sum(live)], [sum(sizes)], where=[""], traced=traced)[0]
+    return _amount.counts(amount, live, sizes, where=[tree.where(i) for i in idx], traced=traced)
 
 
 def _real_scores(tree: Tree, idx):
