@@ -53,6 +53,20 @@ def is_array(x) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex)
 
 
+def as_array(path: str, v):
+    """A leaf as a JAX array (non-array leaves as they are), refusing a silent narrowing: without
+    ``jax_enable_x64`` JAX would turn a float64/int64 numpy leaf into float32/int32."""
+    if isinstance(v, jax.Array) or not is_array(v):
+        return v
+    if isinstance(v, np.ndarray | np.generic) and jax.dtypes.canonicalize_dtype(v.dtype) != v.dtype:
+        raise TypeError(
+            f"{path or 'the array'} is {v.dtype}, which JAX would round to "
+            f"{jax.dtypes.canonicalize_dtype(v.dtype)} (jax_enable_x64 is off): enable it "
+            "(jax.config.update('jax_enable_x64', True)) or cast the leaf yourself"
+        )
+    return jnp.asarray(v)
+
+
 class Tree:
     """A params pytree flattened to leaves, with the masks and scores aligned to it.
 
@@ -73,9 +87,12 @@ class Tree:
                 f"params has several leaves at the path(s) {twice} (a key containing '/' collides "
                 "with a nested key): rename the keys so that every leaf has its own path"
             )
-        self.values = [v if isinstance(v, jax.Array) or not is_array(v) else jnp.asarray(v) for _, v in flat]
+        self.values = [as_array(path, v) for path, (_, v) in zip(self.paths, flat)]
         self.masks = self.align(masks, "masks")
-        self.scores = self.align(scores, scores_name)
+        self.scores = [
+            None if s is None else as_array(f"{scores_name} at {path!r}", s)
+            for path, s in zip(self.paths, self.align(scores, scores_name))
+        ]
         for path, v, m in zip(self.paths, self.values, self.masks):
             if m is None:
                 continue

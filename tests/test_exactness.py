@@ -348,6 +348,23 @@ def test_colliding_paths_are_refused():
         jp.apply_masks(params, {"a/b": None, "a": {"b": None}})
 
 
+def test_64_bit_numpy_leaves_are_not_narrowed_silently():
+    """Without jax_enable_x64, JAX would round a float64 numpy leaf to float32 (and int64 to
+    int32): masks and effective weights would no longer be the float64 model's."""
+    params = {"d": {"kernel": np.linspace(1.0, 1.0 + 1e-12, 6).reshape(2, 3)}}
+    for call in (
+        lambda p, s: jp.apply_masks(p, jp.identity(jax.tree.map(jnp.float32, p))),
+        lambda p, s: jp.l1_unstructured(p, 2),
+        lambda p, s: jp.l1_unstructured(jax.tree.map(jnp.float32, p), 2, importance_scores=s),
+    ):
+        with pytest.raises(TypeError, match="float64, which JAX would round to float32"):
+            call(params, params)
+    with pytest.raises(TypeError, match="int64, which JAX would round to int32"):
+        jp.l1_unstructured(np.arange(4, dtype=np.int64), 1)
+    with jax.enable_x64(True):
+        assert pruned_count(jp.l1_unstructured(params, 2)["d"]["kernel"]) == 2
+
+
 @pytest.mark.parametrize("empty", [{}, [], {"a": {}}, {"a": None}])
 def test_an_empty_tree_is_a_clear_error(empty):
     with pytest.raises(ValueError, match="no leaves"):
