@@ -54,7 +54,9 @@ namespace {
 
 constexpr uint32_t kSentinel = 0xFFFFFFFFu;
 constexpr int64_t kBins = 1 << 16;
-constexpr int64_t kLanes = 16;       // extra histogram slots that count exact zeros (see Histogram)
+constexpr int64_t kWays = 4;         // histograms filled in turn (see HistogramOf)
+constexpr int64_t kSpare = 16;       // histogram slots for keys outside it (HistogramLow)
+constexpr int64_t kSlots = kBins * kWays + kSpare;
 constexpr int64_t kChunk = 1 << 18;  // entries per work item
 constexpr int64_t kSmall = 1 << 14;  // groups up to this size skip the histogram
 constexpr int64_t kGatherShare = 64;  // gather a bucket of at most total / kGatherShare entries
@@ -174,6 +176,8 @@ void ParallelFor(ffi::ThreadPool* pool, int workers, int64_t n, const F& f) {
 // A uint32 buffer that is not zero-filled when it grows, reused across calls: fresh large
 // allocations are fresh mmaps, whose page faults cost more than a pass over a leaf.
 class Scratch {
+  static constexpr size_t kKept = kSlots;  // larger buffers are freed, not kept
+
  public:
   Scratch() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -185,7 +189,7 @@ class Scratch {
   }
   ~Scratch() {
     std::lock_guard<std::mutex> lock(mu_);
-    if (buf_ && cap_ <= (1 << 18) && free_.size() < 128) {
+    if (buf_ && cap_ <= kKept && free_.size() < 128) {
       try {
         free_.emplace_back(std::move(buf_), cap_);
       } catch (...) {  // no room to keep it: just free it
@@ -275,8 +279,8 @@ void Split(const Chunk& c, uint32_t lo, uint32_t hi, Undecided& out) {
 // One pass that writes every mask of a chunk once the k-th key t is known: kept above t, pruned
 // below, and of the ties at t the first `prune` of the chunk (in flat order) pruned, the rest kept.
 // Blocks wholly on one side of the tie boundary vectorize; the block that holds it carries a
-// running count (still no branch per entry).
-void Write(const Chunk& c, uint32_t t, int64_t prune) {
+// running count (still no branch per entry). Returns how many of `prune` are left for later chunks.
+int64_t Write(const Chunk& c, uint32_t t, int64_t prune) {
   bool* keep = c.leaf->keep;
   for (int64_t b = c.begin; b < c.end; b += 64) {
     const Chunk block{c.leaf, b, std::min(c.end, b + 64)};
@@ -296,6 +300,7 @@ void Write(const Chunk& c, uint32_t t, int64_t prune) {
       });
     }
   }
+  return std::max<int64_t>(prune, 0);
 }
 
 // The number of keys equal to t in a chunk.
@@ -305,24 +310,87 @@ int64_t CountTies(const Chunk& c, uint32_t t) {
   return n;
 }
 
-// Adds the high 16 bits of a chunk's keys to a histogram of kBins + kLanes slots. Exact zeros go to
-// the kLanes slots after the bins, one per position mod kLanes, instead of bin 0: after `remove`
-// half a leaf can be zeros, and incrementing one counter per entry would make every increment wait
-// for the previous one. So bin 0 counts the nonzero keys of bucket 0, and the zeros are the sum of
-// the extra slots.
-void Histogram(const Chunk& c, uint32_t* h) {
-  ForKeys(c, [h](int64_t i, uint32_t key) {
-    const uint32_t zero = -static_cast<uint32_t>(key == 0);  // all ones for a zero: no branch
-    ++h[(key >> 16) + (zero & static_cast<uint32_t>(kBins + (i & (kLanes - 1))))];
-  });
+// The key of entry i of a leaf (the sentinel for a non-candidate).
+template <Kind K>
+inline uint32_t KeyOf(const Leaf& l, int64_t i) {
+  return (l.mask && !l.mask[i]) ? kSentinel : KeyAt<K>(l.data, i);
 }
 
-// Adds the low 16 bits of the chunk's keys in `bucket` to a histogram (others to a spare slot).
+// Histograms of kSlots slots: kWays histograms of kBins bins, one after the other, then kSpare slots.
+// Consecutive entries go to different histograms (entry i to i % kWays): when many keys share a bin
+// (after `remove`, half a leaf can be zeros), an increment then need not wait for the previous one
+// to be stored. A bin's count is the sum over the ways (Group::Sum).
+//
+// Adds the high 16 bits of a chunk's keys to such a histogram; returns the number of exact zeros.
+template <Kind K>
+int64_t HistogramOf(const Chunk& c, uint32_t* h) {
+  static_assert(kWays == 4, "unrolled by four");
+  const Leaf& l = *c.leaf;
+  int64_t i = c.begin, zeros = 0;
+  for (; i + 4 <= c.end; i += 4) {
+    const uint32_t k0 = KeyOf<K>(l, i), k1 = KeyOf<K>(l, i + 1), k2 = KeyOf<K>(l, i + 2), k3 = KeyOf<K>(l, i + 3);
+    ++h[k0 >> 16];
+    ++h[kBins + (k1 >> 16)];
+    ++h[2 * kBins + (k2 >> 16)];
+    ++h[3 * kBins + (k3 >> 16)];
+    zeros += (k0 == 0) + (k1 == 0) + (k2 == 0) + (k3 == 0);
+  }
+  for (; i < c.end; ++i) {
+    const uint32_t k = KeyOf<K>(l, i);
+    ++h[k >> 16];
+    zeros += k == 0;
+  }
+  return zeros;
+}
+
+// Adds the low 16 bits of the chunk's keys in `bucket` to such a histogram; the other keys go to
+// the spare slots (no branch: the bucket can hold any share of the keys).
+template <Kind K>
+void HistogramLowOf(const Chunk& c, uint32_t bucket, uint32_t* h) {
+  const Leaf& l = *c.leaf;
+  auto add = [h, bucket](uint32_t key, int64_t i) {
+    const uint32_t way = static_cast<uint32_t>(i & (kWays - 1));
+    const uint32_t other = -static_cast<uint32_t>((key >> 16) != bucket);  // all ones: not in it
+    const uint32_t in = way * kBins + (key & 0xFFFF);
+    const uint32_t out = static_cast<uint32_t>(kWays * kBins + (i & (kSpare - 1)));
+    ++h[(in & ~other) | (out & other)];
+  };
+  int64_t i = c.begin;
+  for (; i + 4 <= c.end; i += 4) {
+    const uint32_t k0 = KeyOf<K>(l, i), k1 = KeyOf<K>(l, i + 1), k2 = KeyOf<K>(l, i + 2), k3 = KeyOf<K>(l, i + 3);
+    add(k0, i);
+    add(k1, i + 1);
+    add(k2, i + 2);
+    add(k3, i + 3);
+  }
+  for (; i < c.end; ++i) add(KeyOf<K>(l, i), i);
+}
+
+int64_t Histogram(const Chunk& c, uint32_t* h) {
+  switch (c.leaf->kind) {
+    case Kind::kF32:
+      return HistogramOf<Kind::kF32>(c, h);
+    case Kind::kU32:
+      return HistogramOf<Kind::kU32>(c, h);
+    case Kind::kBF16:
+      return HistogramOf<Kind::kBF16>(c, h);
+    case Kind::kF16:
+      return HistogramOf<Kind::kF16>(c, h);
+  }
+  return 0;
+}
+
 void HistogramLow(const Chunk& c, uint32_t bucket, uint32_t* h) {
-  ForKeys(c, [h, bucket](int64_t i, uint32_t key) {
-    const uint32_t other = -static_cast<uint32_t>((key >> 16) != bucket);  // no branch
-    ++h[(key & 0xFFFF & ~other) | (other & static_cast<uint32_t>(kBins + (i & (kLanes - 1))))];
-  });
+  switch (c.leaf->kind) {
+    case Kind::kF32:
+      return HistogramLowOf<Kind::kF32>(c, bucket, h);
+    case Kind::kU32:
+      return HistogramLowOf<Kind::kU32>(c, bucket, h);
+    case Kind::kBF16:
+      return HistogramLowOf<Kind::kBF16>(c, bucket, h);
+    case Kind::kF16:
+      return HistogramLowOf<Kind::kF16>(c, bucket, h);
+  }
 }
 
 #ifdef JPRUNE_AVX512
@@ -406,7 +474,7 @@ JPRUNE_TARGET void SplitAvx512(const Chunk& c, uint32_t lo, uint32_t hi, Undecid
 
 // Write with AVX-512F intrinsics.
 template <Kind K>
-JPRUNE_TARGET void WriteAvx512(const Chunk& c, uint32_t t, int64_t prune) {
+JPRUNE_TARGET int64_t WriteAvx512(const Chunk& c, uint32_t t, int64_t prune) {
   const Leaf& leaf = *c.leaf;
   bool* keep = leaf.keep;
   const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
@@ -427,7 +495,7 @@ JPRUNE_TARGET void WriteAvx512(const Chunk& c, uint32_t t, int64_t prune) {
     }
     Store16(keep + i, above | ties);
   }
-  Write({c.leaf, i, c.end}, t, prune);
+  return Write({c.leaf, i, c.end}, t, prune);
 }
 
 template <Kind K>
@@ -451,7 +519,7 @@ void SplitFast(const Chunk& c, uint32_t lo, uint32_t hi, Undecided& out) {
   }
 }
 
-void WriteFast(const Chunk& c, uint32_t t, int64_t prune) {
+int64_t WriteFast(const Chunk& c, uint32_t t, int64_t prune) {
   switch (c.leaf->kind) {
     case Kind::kF32:
       return WriteAvx512<Kind::kF32>(c, t, prune);
@@ -462,6 +530,7 @@ void WriteFast(const Chunk& c, uint32_t t, int64_t prune) {
     case Kind::kF16:
       return WriteAvx512<Kind::kF16>(c, t, prune);
   }
+  return 0;
 }
 
 int64_t CountTiesFast(const Chunk& c, uint32_t t) {
@@ -520,6 +589,7 @@ class Group {
     // every mask in one pass.
     if (b.bucket == 0 && zeros_.back() >= r) return WriteAll(Kth{0, r}, &zeros_);  // as after `remove`
     const Kth kth = Low(b.bucket, r);
+    if (workers_ == 1) return WriteAll(kth, nullptr);  // chunks in order: ties counted as written
     std::vector<int64_t> ties(chunks_.size() + 1, 0);
     ForChunks([&](int64_t c, int) {
 #ifdef JPRUNE_AVX512
@@ -554,20 +624,23 @@ class Group {
     ParallelFor(pool_, workers_, static_cast<int64_t>(chunks_.size()), f);
   }
 
-  // Per-worker histograms of kBins + kLanes zeroed slots.
+  // Per-worker histograms of kSlots zeroed slots.
   std::vector<Scratch> Histograms() {
     std::vector<Scratch> hist;
     hist.reserve(workers_);
     for (int w = 0; w < workers_; ++w) {
       hist.emplace_back();
-      hist.back().Zero(kBins + kLanes);
+      hist.back().Zero(kSlots);
     }
     return hist;
   }
 
-  static int64_t Sum(std::vector<Scratch>& hist, int64_t slot) {
+  // A bin's count, over its slots in every worker's histogram.
+  static int64_t Sum(std::vector<Scratch>& hist, int64_t bin) {
     int64_t n = 0;
-    for (Scratch& h : hist) n += h.data()[slot];
+    for (Scratch& h : hist) {
+      for (int64_t way = 0; way < kWays; ++way) n += h.data()[way * kBins + bin];
+    }
     return n;
   }
 
@@ -576,20 +649,14 @@ class Group {
   Bucket FindBucket(int64_t k) {
     std::vector<Scratch> hist = Histograms();
     zeros_.assign(chunks_.size() + 1, 0);
-    ForChunks([&](int64_t c, int slot) {
-      const uint32_t* lanes = hist[slot].data() + kBins;
-      const int64_t before = std::accumulate(lanes, lanes + kLanes, int64_t{0});
-      Histogram(chunks_[c], hist[slot].data());
-      zeros_[c] = std::accumulate(lanes, lanes + kLanes, int64_t{0}) - before;
-    });
-    const int64_t zeros = std::accumulate(zeros_.begin(), zeros_.end() - 1, int64_t{0});
-    zeros_.back() = zeros;
+    ForChunks([&](int64_t c, int slot) { zeros_[c] = Histogram(chunks_[c], hist[slot].data()); });
+    zeros_.back() = std::accumulate(zeros_.begin(), zeros_.end() - 1, int64_t{0});
     Bucket b;
     const int64_t sentinels = Sum(hist, kBins - 1);  // the top bin holds only sentinels
     b.k = std::clamp<int64_t>(k, 0, total_ - sentinels);
     if (b.k == 0) return b;
     for (;; ++b.bucket) {
-      b.count = Sum(hist, b.bucket) + (b.bucket == 0 ? zeros : 0);
+      b.count = Sum(hist, b.bucket);
       if (b.below + b.count >= b.k) break;
       b.below += b.count;
     }
@@ -609,21 +676,28 @@ class Group {
   }
 
   // Writes every mask for the k-th key, given the number of ties at t in each chunk (`ties`, one
-  // per chunk and maybe one more; nullptr if none is pruned): a chunk prunes the first of its
-  // ties that are among the first `take` of the group.
+  // per chunk and maybe one more): a chunk prunes those of its ties that are among the first `take`
+  // of the group. Without `ties` (nullptr), one worker writes the chunks in order and carries the
+  // count; or none is pruned (take 0).
   void WriteAll(Kth kth, const std::vector<int64_t>* ties) {
+    auto write = [&](int64_t c, int64_t prune) {
+#ifdef JPRUNE_AVX512
+      if (avx512_) return WriteFast(chunks_[c], kth.t, prune);
+#endif
+      return Write(chunks_[c], kth.t, prune);
+    };
+    if (ties == nullptr && kth.take > 0) {
+      int64_t prune = kth.take;
+      for (int64_t c = 0; c < static_cast<int64_t>(chunks_.size()); ++c) prune = write(c, prune);
+      return;
+    }
     std::vector<int64_t> prune(chunks_.size(), 0);
     int64_t before = 0;  // ties in the chunks before this one
     for (size_t c = 0; ties != nullptr && c < chunks_.size(); ++c) {
       prune[c] = std::clamp<int64_t>(kth.take - before, 0, (*ties)[c]);
       before += (*ties)[c];
     }
-    ForChunks([&](int64_t c, int) {
-#ifdef JPRUNE_AVX512
-      if (avx512_) return WriteFast(chunks_[c], kth.t, prune[c]);
-#endif
-      Write(chunks_[c], kth.t, prune[c]);
-    });
+    ForChunks([&](int64_t c, int) { write(c, prune[c]); });
   }
 
   void SplitAll(uint32_t lo, uint32_t hi, int64_t* below, int64_t* bracketed) {
