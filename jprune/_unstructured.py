@@ -162,8 +162,13 @@ def prune(sources, k, *, joint, bits=None, method="auto"):
     """
     bits = tuple(bits or [32] * len(sources))
     native = native_inputs(sources) if method == "auto" else None
-    if native is not None:
-        return _cpu.prune(*native, k, joint=joint)
+    if native is not None:  # the XLA path is the fallback that jax.export and other platforms get
+        xla = functools.partial(_prune_xla, sources, k, joint=joint, bits=bits, method=method)
+        return _cpu.prune(*native, k, joint=joint, fallback=xla)
+    return _prune_xla(sources, k, joint=joint, bits=bits, method=method)
+
+
+def _prune_xla(sources, k, *, joint, bits, method):
     sizes = [math.prod(jnp.shape(args[0])) for _, args in sources]
     if joint:
         if _select.use_histogram(sum(sizes), method):
