@@ -55,8 +55,7 @@ namespace {
 constexpr uint32_t kSentinel = 0xFFFFFFFFu;
 constexpr int64_t kBins = 1 << 16;
 constexpr int64_t kWays = 4;         // histograms filled in turn (see HistogramOf)
-constexpr int64_t kSpare = 16;       // histogram slots for keys outside it (HistogramLow)
-constexpr int64_t kSlots = kBins * kWays + kSpare;
+constexpr int64_t kSlots = kBins * kWays;
 constexpr int64_t kChunk = 1 << 18;  // entries per work item
 constexpr int64_t kSmall = 1 << 14;  // groups up to this size skip the histogram
 constexpr int64_t kGatherShare = 64;  // gather a bucket of at most total / kGatherShare entries
@@ -310,60 +309,75 @@ int64_t CountTies(const Chunk& c, uint32_t t) {
   return n;
 }
 
-// The key of entry i of a leaf (the sentinel for a non-candidate).
-template <Kind K>
-inline uint32_t KeyOf(const Leaf& l, int64_t i) {
-  return (l.mask && !l.mask[i]) ? kSentinel : KeyAt<K>(l.data, i);
-}
-
-// Histograms of kSlots slots: kWays histograms of kBins bins, one after the other, then kSpare slots.
+// Histograms of kSlots slots: kWays histograms of kBins bins, one after the other.
 // Consecutive entries go to different histograms (entry i to i % kWays): when many keys share a bin
 // (after `remove`, half a leaf can be zeros), an increment then need not wait for the previous one
-// to be stored. A bin's count is the sum over the ways (Group::Sum).
-//
+// to be stored. A bin's count is the sum over the ways (Group::Sum). `add(way, i, key)` adds entry i.
+template <Kind K, class Add>
+inline void HistogramLoop(const Chunk& c, Add add) {
+  static_assert(kWays == 4, "unrolled by four");
+  const void* data = c.leaf->data;  // locals: the stores to h cannot change them
+  const bool* mask = c.leaf->mask;
+  int64_t i = c.begin;
+  const int64_t end = c.end;
+  if (mask) {
+    for (; i + 4 <= end; i += 4) {
+      const uint32_t k0 = mask[i] ? KeyAt<K>(data, i) : kSentinel;
+      const uint32_t k1 = mask[i + 1] ? KeyAt<K>(data, i + 1) : kSentinel;
+      const uint32_t k2 = mask[i + 2] ? KeyAt<K>(data, i + 2) : kSentinel;
+      const uint32_t k3 = mask[i + 3] ? KeyAt<K>(data, i + 3) : kSentinel;
+      add(0, i, k0), add(1, i + 1, k1), add(2, i + 2, k2), add(3, i + 3, k3);
+    }
+    for (; i < end; ++i) add(0, i, mask[i] ? KeyAt<K>(data, i) : kSentinel);
+  } else {
+    for (; i + 4 <= end; i += 4) {
+      const uint32_t k0 = KeyAt<K>(data, i), k1 = KeyAt<K>(data, i + 1);
+      const uint32_t k2 = KeyAt<K>(data, i + 2), k3 = KeyAt<K>(data, i + 3);
+      add(0, i, k0), add(1, i + 1, k1), add(2, i + 2, k2), add(3, i + 3, k3);
+    }
+    for (; i < end; ++i) add(0, i, KeyAt<K>(data, i));
+  }
+}
+
 // Adds the high 16 bits of a chunk's keys to such a histogram; returns the number of exact zeros.
 template <Kind K>
 int64_t HistogramOf(const Chunk& c, uint32_t* h) {
-  static_assert(kWays == 4, "unrolled by four");
-  const Leaf& l = *c.leaf;
-  int64_t i = c.begin, zeros = 0;
-  for (; i + 4 <= c.end; i += 4) {
-    const uint32_t k0 = KeyOf<K>(l, i), k1 = KeyOf<K>(l, i + 1), k2 = KeyOf<K>(l, i + 2), k3 = KeyOf<K>(l, i + 3);
-    ++h[k0 >> 16];
-    ++h[kBins + (k1 >> 16)];
-    ++h[2 * kBins + (k2 >> 16)];
-    ++h[3 * kBins + (k3 >> 16)];
-    zeros += (k0 == 0) + (k1 == 0) + (k2 == 0) + (k3 == 0);
-  }
-  for (; i < c.end; ++i) {
-    const uint32_t k = KeyOf<K>(l, i);
-    ++h[k >> 16];
-    zeros += k == 0;
-  }
+  int64_t zeros = 0;
+  HistogramLoop<K>(c, [h, &zeros](uint32_t way, int64_t, uint32_t key) {
+    ++h[way * kBins + (key >> 16)];
+    zeros += key == 0;
+  });
   return zeros;
 }
 
-// Adds the low 16 bits of the chunk's keys in `bucket` to such a histogram; the other keys go to
-// the spare slots (no branch: the bucket can hold any share of the keys).
+// Adds the low 16 bits of the chunk's keys in `bucket` to such a histogram. The bucket can hold
+// any share of the keys, so they are first appended to a small buffer without a branch, block by
+// block, and only those are counted.
+constexpr int64_t kLowBlock = 1024;
+
+// Adds n buffered keys' low 16 bits to a histogram, kWays at a time.
+inline void CountLow(const uint32_t* keys, int64_t n, uint32_t* h) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    ++h[keys[j] & 0xFFFF];
+    ++h[kBins + (keys[j + 1] & 0xFFFF)];
+    ++h[2 * kBins + (keys[j + 2] & 0xFFFF)];
+    ++h[3 * kBins + (keys[j + 3] & 0xFFFF)];
+  }
+  for (; j < n; ++j) ++h[keys[j] & 0xFFFF];
+}
+
 template <Kind K>
 void HistogramLowOf(const Chunk& c, uint32_t bucket, uint32_t* h) {
-  const Leaf& l = *c.leaf;
-  auto add = [h, bucket](uint32_t key, int64_t i) {
-    const uint32_t way = static_cast<uint32_t>(i & (kWays - 1));
-    const uint32_t other = -static_cast<uint32_t>((key >> 16) != bucket);  // all ones: not in it
-    const uint32_t in = way * kBins + (key & 0xFFFF);
-    const uint32_t out = static_cast<uint32_t>(kWays * kBins + (i & (kSpare - 1)));
-    ++h[(in & ~other) | (out & other)];
-  };
-  int64_t i = c.begin;
-  for (; i + 4 <= c.end; i += 4) {
-    const uint32_t k0 = KeyOf<K>(l, i), k1 = KeyOf<K>(l, i + 1), k2 = KeyOf<K>(l, i + 2), k3 = KeyOf<K>(l, i + 3);
-    add(k0, i);
-    add(k1, i + 1);
-    add(k2, i + 2);
-    add(k3, i + 3);
+  uint32_t keys[kLowBlock];
+  for (int64_t b = c.begin; b < c.end; b += kLowBlock) {
+    int64_t n = 0;
+    ForKeysOf<K>({c.leaf, b, std::min(c.end, b + kLowBlock)}, [&keys, &n, bucket](int64_t, uint32_t key) {
+      keys[n] = key;
+      n += (key >> 16) == bucket;
+    });
+    CountLow(keys, n, h);
   }
-  for (; i < c.end; ++i) add(KeyOf<K>(l, i), i);
 }
 
 int64_t Histogram(const Chunk& c, uint32_t* h) {
@@ -498,6 +512,26 @@ JPRUNE_TARGET int64_t WriteAvx512(const Chunk& c, uint32_t t, int64_t prune) {
   return Write({c.leaf, i, c.end}, t, prune);
 }
 
+// HistogramLow with AVX-512F: the bucket's keys compress-stored 16 at a time.
+template <Kind K>
+JPRUNE_TARGET void HistogramLowAvx512(const Chunk& c, uint32_t bucket, uint32_t* h) {
+  const __m512i vb = _mm512_set1_epi32(static_cast<int>(bucket));
+  uint32_t keys[kLowBlock + 16];  // a full vector is stored at keys + n
+  int64_t i = c.begin;
+  while (i + 16 <= c.end) {
+    int64_t n = 0;
+    for (const int64_t stop = std::min(c.end, i + kLowBlock); i + 16 <= stop; i += 16) {
+      const __m512i key = Load16<K>(*c.leaf, i);
+      const __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(key, 16), vb);
+      // Compressed in a register, then stored whole: a compress-store to memory is slow.
+      _mm512_storeu_si512(keys + n, _mm512_maskz_compress_epi32(in, key));
+      n += __builtin_popcount(in);
+    }
+    CountLow(keys, n, h);
+  }
+  HistogramLow({c.leaf, i, c.end}, bucket, h);
+}
+
 template <Kind K>
 JPRUNE_TARGET int64_t CountTiesAvx512(const Chunk& c, uint32_t t) {
   const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
@@ -531,6 +565,19 @@ int64_t WriteFast(const Chunk& c, uint32_t t, int64_t prune) {
       return WriteAvx512<Kind::kF16>(c, t, prune);
   }
   return 0;
+}
+
+void HistogramLowFast(const Chunk& c, uint32_t bucket, uint32_t* h) {
+  switch (c.leaf->kind) {
+    case Kind::kF32:
+      return HistogramLowAvx512<Kind::kF32>(c, bucket, h);
+    case Kind::kU32:
+      return HistogramLowAvx512<Kind::kU32>(c, bucket, h);
+    case Kind::kBF16:
+      return HistogramLowAvx512<Kind::kBF16>(c, bucket, h);
+    case Kind::kF16:
+      return HistogramLowAvx512<Kind::kF16>(c, bucket, h);
+  }
 }
 
 int64_t CountTiesFast(const Chunk& c, uint32_t t) {
@@ -666,7 +713,12 @@ class Group {
   // The r-th key (from 1) of a bucket, from a histogram of the low 16 bits of its keys.
   Kth Low(uint32_t bucket, int64_t r) {
     std::vector<Scratch> hist = Histograms();
-    ForChunks([&](int64_t c, int slot) { HistogramLow(chunks_[c], bucket, hist[slot].data()); });
+    ForChunks([&](int64_t c, int slot) {
+#ifdef JPRUNE_AVX512
+      if (avx512_) return HistogramLowFast(chunks_[c], bucket, hist[slot].data());
+#endif
+      HistogramLow(chunks_[c], bucket, hist[slot].data());
+    });
     int64_t less = 0;
     for (uint32_t low = 0;; ++low) {
       const int64_t n = Sum(hist, low);
