@@ -153,7 +153,7 @@ def test_mixed_float_dtypes_rank_on_one_scale(simd):
     """A joint group of float32, bfloat16 and float16 leaves gives the masks of the same group
     converted to float32 first (by XLA), and of the reference."""
     rng = np.random.default_rng(4)
-    for kind in ("normal", "special", "zeros"):
+    for kind in ("normal", "special", "zeros", "repeated"):
         base = [sample(rng, n, kind) for n in (70_000, 2**18 + 3, 5000)]
         values = [base[0], base[1].astype(ml_dtypes.bfloat16), base[2].astype(np.float16)]
         arrays = [jnp.asarray(x) for x in values]
