@@ -1,7 +1,14 @@
-"""The `jprune` command: `jprune inspect FILE [--json]`, `jprune convert SRC DST`."""
+"""The `jprune` command: `jprune inspect FILE [--json]`, `jprune convert SRC DST`.
+
+Every failure is one line on stderr, `jprune: error: ...`, naming the file: exit 1 for a refusal
+(malformed input, a destination that is not a checkpoint, a failed write), 3 for an unexpected
+error (a bug in jprune; its type is in the line, and JPRUNE_TRACEBACK=1 shows the traceback),
+2 for a usage error (argparse), 130 on Ctrl-C.
+"""
 
 import argparse
 import json
+import os
 import pickle
 import sys
 
@@ -41,7 +48,7 @@ def _template(path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the `jprune` command line; returns the exit status (0 ok, 1 bad input, 2 usage).
+    """Runs the `jprune` command line; returns the exit status (0 ok, 1 refused, 2 usage, 3 bug).
 
     Args:
       argv: the arguments after the program name; None reads `sys.argv`.
@@ -86,8 +93,25 @@ def main(argv: list[str] | None = None) -> int:
             progress = False if args.no_progress else None
             _files.convert(args.src, args.dst, template=template, progress=progress)
             print(f"wrote {args.dst}")
-    except (ValueError, TypeError, OSError, pickle.UnpicklingError) as e:
+    except (ValueError, TypeError, OSError, pickle.UnpicklingError, MemoryError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"jprune: error: {message}", file=sys.stderr)
+        source = args.file if args.command == "inspect" else args.src
+        _error(message if os.fspath(source) in message else f"{source}: {message}")
         return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as e:
+        if os.environ.get("JPRUNE_TRACEBACK"):
+            raise
+        message = " ".join(str(e).split())
+        _error(
+            f"unexpected {type(e).__name__}: {message} (a bug in jprune: please report it; "
+            "JPRUNE_TRACEBACK=1 shows the traceback)"
+        )
+        return 3
     return 0
+
+
+def _error(message: str) -> None:
+    print(f"jprune: error: {message}", file=sys.stderr)

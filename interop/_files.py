@@ -3,28 +3,76 @@
 A file's kind follows its extension: `.pt`/`.pth`/`.safetensors` hold a torch state_dict,
 `.msgpack` holds a Flax checkpoint dict (flax.serialization), and a directory (existing, or a
 path without an extension, or ending in `.orbax`) is an orbax checkpoint of the same dict.
+
+Reading refuses rather than guesses: every file is opened by one helper (`_open_regular`) that
+accepts only a regular, non-empty file (a FIFO, a device such as `/dev/zero` or a directory is
+refused before anything is read), every read is bounded by the file's size, and what was read is
+checked (`_check_state_dict`, `_check_ckpt`) before anything uses it. A malformed file raises
+ValueError (or pickle.UnpicklingError, OSError) whose message starts with the path.
+
+Writing goes through one atomic writer (`_atomic`): the new checkpoint is written into a temporary
+directory `.NAME.<pid>@<host>.<random>.tmp` next to the destination and moved onto it only once
+complete (`os.replace` for files; an atomic exchange, Linux `renameat2(RENAME_EXCHANGE)`, for
+orbax directories). An existing destination is replaced only if it is a checkpoint of the same
+format (an empty directory also qualifies for orbax); anything else is refused untouched. Temporary
+directories left by a killed writer are removed by the next save to the same destination, but only
+those named with this host and a process id that no longer exists.
 """
 
 import contextlib
+import ctypes
+import errno
+import gc
 import json
+import logging
 import os
 import pickle
+import re
 import shutil
+import socket
+import stat
+import sys
 import tempfile
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from . import _convert
+from . import _arrays, _convert
 
 TORCH_SUFFIXES = (".pt", ".pth", ".safetensors")
 FLAX_SUFFIXES = (".msgpack", ".orbax")
 _ORBAX_META = "jprune"
 _ORBAX_STATE = "state"
 _FORMAT = "jprune.interop/1"
+_CKPT_KEYS = ("params", "masks", "batch_stats", "torch")
+
+
+# ----------------------------------------------------------------------------- paths and formats
+
+
+def _suffix(path) -> str:
+    return os.path.splitext(os.fspath(path).rstrip("/"))[1].lower()
+
+
+def _format(path) -> str:
+    """`"pt"`, `"safetensors"`, `"msgpack"` or `"orbax"`, by extension (an existing directory
+    with another extension is orbax)."""
+    path = os.fspath(path)
+    suffix = _suffix(path)
+    if suffix in (".pt", ".pth"):
+        return "pt"
+    if suffix in (".safetensors", ".msgpack"):
+        return suffix[1:]
+    if suffix in ("", ".orbax") or os.path.isdir(path):
+        return "orbax"
+    raise ValueError(
+        f"{path}: unsupported extension '{suffix}'; expected .pt, .pth or .safetensors (torch), "
+        ".msgpack or an orbax directory (Flax)"
+    )
 
 
 def kind(path) -> str:
@@ -33,24 +81,95 @@ def kind(path) -> str:
     Raises:
       ValueError: an extension that is neither.
     """
-    path = os.fspath(path)
-    suffix = os.path.splitext(path.rstrip("/"))[1].lower()
-    if suffix in TORCH_SUFFIXES:
-        return "torch"
-    if suffix in FLAX_SUFFIXES or os.path.isdir(path) or suffix == "":
-        return "flax"
-    raise ValueError(
-        f"{path}: unsupported extension '{suffix}'; expected .pt, .pth or .safetensors (torch), "
-        ".msgpack or an orbax directory (Flax)"
-    )
+    return "torch" if _format(path) in ("pt", "safetensors") else "flax"
 
 
-def _suffix(path) -> str:
-    return os.path.splitext(os.fspath(path).rstrip("/"))[1].lower()
+# --------------------------------------------------------------------------------------- reading
 
 
-def _is_orbax(path) -> bool:
-    return _suffix(path) in ("", ".orbax") or os.path.isdir(path)
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _require_regular(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: is {_file_type(st.st_mode)}, expected a checkpoint file")
+    if st.st_size == 0:
+        raise ValueError(f"{path}: the file is empty, expected a checkpoint")
+
+
+@contextlib.contextmanager
+def _open_regular(path: str):
+    """Yields `(binary file, size)` for a regular, non-empty file; refuses anything else unread.
+
+    The type is checked before opening (opening a FIFO blocks) and again on the opened file (it
+    may have been swapped in between); O_NONBLOCK keeps even that open from blocking.
+    """
+    try:
+        _require_regular(path, os.stat(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        _require_regular(path, st)
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f, st.st_size
+
+
+@contextlib.contextmanager
+def _parsing(path: str, what: str):
+    """Any error a parser raises on malformed bytes becomes a ValueError naming `path` and the
+    error's type; refusals that already name `path` pass through."""
+    try:
+        yield
+    except (pickle.UnpicklingError, FileNotFoundError):
+        raise
+    except Exception as e:  # parsers raise their own types (SafetensorError, msgpack's, tensorstore's)
+        if isinstance(e, ValueError) and str(e).startswith(f"{path}"):
+            raise
+        raise ValueError(f"{path}: not a readable {what} (truncated or damaged?): {_first_line(e)}") from e
+
+
+def _read_all(path: str) -> bytes:
+    with _open_regular(path) as (f, size):
+        data = f.read(size)
+    if len(data) != size:
+        raise ValueError(f"{path}: the file changed while it was read")
+    return data
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _check_tensor(path: str, key: str, t: torch.Tensor) -> None:
+    if t.layout != torch.strided or t.is_quantized:
+        raise ValueError(
+            f"{path}: tensor {key!r} is {'quantized' if t.is_quantized else str(t.layout)} "
+            f"(dtype {t.dtype}); jprune converts dense tensors only (dequantize or to_dense it first)"
+        )
+    try:
+        _arrays.to_numpy(t)
+    except ValueError:
+        raise ValueError(
+            f"{path}: tensor {key!r} has dtype {t.dtype}, which has no numpy/JAX counterpart"
+        ) from None
 
 
 def _check_state_dict(obj, path) -> Mapping:
@@ -69,138 +188,302 @@ def _check_state_dict(obj, path) -> Mapping:
                 f"{path}: expected a state_dict mapping str to torch.Tensor, got "
                 f"{type(value).__name__} at key {key!r}{hint}"
             )
+        _check_tensor(path, key, value)
     return obj
+
+
+def _check_pt_archive(path: str, f, size: int) -> None:
+    """A .pt must be torch's zip archive with stored (uncompressed) entries inside the file, so
+    nothing torch reads or allocates can exceed the file's size."""
+    head = f.read(4)
+    if head != b"PK\x03\x04":
+        if head[:1] == b"\x80":  # a pickle: torch's pre-1.6 format, or a plain pickle
+            raise pickle.UnpicklingError(
+                f"{path}: refused to unpickle: a plain pickle, not the zip archive torch.save "
+                "writes (a pre-1.6 torch file? re-save it with a current torch); nothing in it "
+                "was executed"
+            )
+        raise ValueError(f"{path}: not a torch checkpoint (not the zip archive torch.save writes)")
+    f.seek(0)
+    with _parsing(path, "torch checkpoint"):
+        infos = zipfile.ZipFile(f).infolist()
+    for info in infos:
+        if (
+            info.compress_type != zipfile.ZIP_STORED
+            or info.compress_size != info.file_size
+            or info.header_offset + info.file_size > size
+        ):
+            raise ValueError(
+                f"{path}: archive entry {info.filename!r} is compressed or extends past the end "
+                "of the file; torch.save writes neither (damaged or repacked file?)"
+            )
 
 
 def load_torch(path, *, mmap: bool = False) -> Mapping:
     """Reads a torch state_dict from .pt/.pth (`weights_only=True`) or .safetensors."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if _suffix(path) == ".safetensors":
+    fmt = _format(path)
+    if fmt == "safetensors":
         return _load_safetensors(path)
-    with warnings.catch_warnings():
-        # Plain pickles (protocol > 2) make torch warn before it refuses them; the refusal is the
-        # message that matters.
-        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        try:
+    if fmt != "pt":
+        raise ValueError(f"{path}: not a torch file (.pt, .pth or .safetensors)")
+    with _open_regular(path) as (f, size), _parsing(path, "torch checkpoint"):
+        _check_pt_archive(path, f, size)
+        f.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about what it then refuses
             try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            except RuntimeError as e:
-                if not (mmap and "mmap can only be used" in str(e)):
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            why = next((ln for ln in lines[1:] if "nsupported" in ln), lines[0] if lines else "")
-            raise pickle.UnpicklingError(
-                f"{path}: refused to unpickle (torch.load weights_only=True): {why}; nothing in "
-                "it was executed"
-            ) from None
-        except (RuntimeError, EOFError, ValueError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{path}: not a readable torch checkpoint (truncated?): {first}") from e
+                # mmap needs a path: the file just checked (torch checks the archive again).
+                obj = torch.load(path if mmap else f, map_location="cpu", weights_only=True, mmap=mmap)
+            except pickle.UnpicklingError as e:
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                why = next((ln for ln in lines[1:] if "nsupported" in ln), lines[0] if lines else "")
+                raise pickle.UnpicklingError(
+                    f"{path}: refused to unpickle (torch.load weights_only=True): {why}; nothing in "
+                    "it was executed"
+                ) from None
     return _check_state_dict(obj, path)
+
+
+def _json_meta(path: str, meta: Mapping, name: str, ok, expected: str):
+    try:
+        value = json.loads(meta[name])
+    except ValueError:
+        value = _MISSING
+    if value is _MISSING or not ok(value):
+        raise ValueError(f"{path}: metadata {name!r} is not {expected}")
+    return value
+
+
+_MISSING = object()
 
 
 def _load_safetensors(path: str) -> Mapping:
     from safetensors import safe_open
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-            if "jprune.key_order" in meta:
-                order = json.loads(meta["jprune.key_order"])
-                if sorted(order) == sorted(keys):
-                    keys = order
-            sd = OrderedDict((k, f.get_tensor(k)) for k in keys)
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError types
-        if isinstance(e, FileNotFoundError):
-            raise
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a readable safetensors file (truncated?): {first}") from e
+    # _open_regular checks the type; safetensors maps the file and checks its header against it.
+    with _open_regular(path), _parsing(path, "safetensors file"), safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        keys = list(f.keys())
+        order = keys
+        if "jprune.key_order" in meta:
+            order = _json_meta(
+                path,
+                meta,
+                "jprune.key_order",
+                lambda v: isinstance(v, list) and sorted(map(str, v)) == sorted(keys),
+                "a JSON list of the file's tensor names",
+            )
+        sd = OrderedDict((k, f.get_tensor(k)) for k in order)
     if "jprune.torch_metadata" in meta:
-        sd._metadata = OrderedDict(json.loads(meta["jprune.torch_metadata"]).items())
-    return sd
+        versions = _json_meta(
+            path,
+            meta,
+            "jprune.torch_metadata",
+            lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+            "a JSON object of objects (torch's state_dict._metadata)",
+        )
+        sd._metadata = OrderedDict(versions.items())
+    return _check_state_dict(sd, path)
+
+
+def _check_recipe(path: str, recipe) -> None:
+    """The recipe `from_torch` records: a JSON object with `keys`, a list of
+    [torch key, [target path...], layout, dtype], and optional `metadata` {module: {...}}."""
+
+    def entry_ok(e):
+        return (
+            isinstance(e, list)
+            and len(e) == 4
+            and isinstance(e[0], str)
+            and isinstance(e[1], list)
+            and len(e[1]) >= 1
+            and all(isinstance(c, str) for c in e[1])
+            and all(isinstance(x, str) for x in e[2:])
+        )
+
+    try:
+        meta = json.loads(recipe) if isinstance(recipe, str) else _MISSING
+    except ValueError:
+        meta = _MISSING
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("keys"), list)
+        and all(entry_ok(e) for e in meta["keys"])
+        and isinstance(meta.get("metadata", {}), dict)
+        and all(isinstance(v, dict) for v in meta.get("metadata", {}).values())
+    ):
+        raise ValueError(
+            f"{path}: torch/recipe is not the JSON recipe from_torch records (a JSON object whose "
+            "'keys' lists [torch key, [target...], layout, dtype]); drop ckpt['torch'] to use "
+            "default torch names"
+        )
+
+
+def _check_tree(path: str, tree, where: str) -> None:
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"{path}: {where} is a {type(tree).__name__}, expected a dict")
+    for k, v in tree.items():
+        at = f"{where}/{k}"
+        if not isinstance(k, str):
+            raise ValueError(f"{path}: {where} has a key {k!r}, expected str keys")
+        if isinstance(v, Mapping):
+            _check_tree(path, v, at)
+        elif not isinstance(v, np.ndarray) or v.dtype.kind not in "biufcV":
+            got = type(v).__name__ if not isinstance(v, np.ndarray) else f"an array of dtype {v.dtype}"
+            raise ValueError(f"{path}: {at} is {got}, expected a numeric array")
+
+
+def _check_ckpt(ckpt, path) -> dict:
+    """A complete, well-typed checkpoint dict (masks mirror params, None where unpruned), from
+    what a file held or what `save` is given; ValueError naming the path and the leaf otherwise."""
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("params"), Mapping):
+        raise ValueError(f"{path}: expected a checkpoint dict with a 'params' dict")
+    unknown = [k for k in ckpt if k not in _CKPT_KEYS]
+    if unknown:
+        raise ValueError(
+            f"{path}: unexpected checkpoint entries {unknown}; a jprune checkpoint holds only "
+            f"{', '.join(_CKPT_KEYS)} (save the model's variables alone)"
+        )
+    params = ckpt["params"]
+    _check_tree(path, params, "params")
+    out = {"params": params}
+    masks = ckpt.get("masks")
+    if masks is not None:
+        if not isinstance(masks, Mapping):
+            raise ValueError(f"{path}: masks is a {type(masks).__name__}, expected a dict")
+        for leaf_path, m in _convert._leaf_paths(masks):
+            where = "masks/" + "/".join(leaf_path)
+            p = _convert._tree_get(params, leaf_path)
+            if m is None:
+                continue
+            if p is _convert._MISSING or isinstance(p, Mapping):
+                raise ValueError(f"{path}: {where} has no params array at the same path")
+            if not isinstance(m, np.ndarray) or m.dtype != np.bool_:
+                got = f"dtype {m.dtype}" if isinstance(m, np.ndarray) else f"a {type(m).__name__}"
+                raise ValueError(f"{path}: {where} is {got}, expected a bool array (False = pruned)")
+            if m.shape != p.shape:
+                raise ValueError(f"{path}: {where} has shape {m.shape}, expected {p.shape} (its params')")
+        masks = {p: m for p, m in _convert._leaf_paths(masks) if m is not None}
+    out["masks"] = _convert._mirror(params, masks or {})
+    if ckpt.get("batch_stats") is not None:
+        _check_tree(path, ckpt["batch_stats"], "batch_stats")
+        out["batch_stats"] = ckpt["batch_stats"]
+    torch_meta = ckpt.get("torch")
+    if torch_meta is not None:
+        if not isinstance(torch_meta, Mapping) or any(k not in ("recipe", "extra") for k in torch_meta):
+            raise ValueError(f"{path}: torch is not a dict with only 'recipe' and 'extra'")
+        if torch_meta.get("recipe") is not None:
+            _check_recipe(path, torch_meta["recipe"])
+        if torch_meta.get("extra") is not None:
+            _check_tree(path, torch_meta["extra"], "torch/extra")
+        out["torch"] = {k: v for k, v in torch_meta.items() if v is not None}
+    return out
 
 
 def _load_msgpack(path: str) -> dict:
     from flax import serialization
 
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
+    data = _read_all(path)
+    with _parsing(path, "msgpack checkpoint"):
         ckpt = serialization.msgpack_restore(data)
-    except Exception as e:  # msgpack's ExtraData/UnpackValueError/OutOfData, ValueError
-        raise ValueError(f"{path}: not a readable msgpack checkpoint (truncated?): {e}") from e
     return _check_ckpt(ckpt, path)
 
 
-def _check_ckpt(ckpt, path) -> dict:
-    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("params"), Mapping):
-        raise ValueError(f"{path}: expected a checkpoint dict with a 'params' dict")
-    return dict(ckpt)
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs (to stderr) what it then raises, and its event loop's leftover tasks log their
+    errors when collected; the error raised is the one message."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()  # leftover tasks report now, while quiet
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _orbax_meta(path: str) -> dict:
+    """The jprune metadata of an orbax checkpoint directory; ValueError if it is not one."""
+    meta_file = os.path.join(path, _ORBAX_META, "metadata")
+    if not os.path.isdir(os.path.join(path, _ORBAX_STATE)) or not os.path.isfile(meta_file):
+        raise ValueError(f"{path}: not an orbax checkpoint written by jprune (no '{_ORBAX_META}')")
+    with _parsing(meta_file, "JSON file"):
+        meta = json.loads(_read_all(meta_file))
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else "not a JSON object"
+        raise ValueError(f"{meta_file}: expected jprune metadata of format {_FORMAT!r}, got {got!r}")
+    return meta
+
+
+def _check_orbax_dir(path: str) -> None:
+    """Every entry is a regular file or a directory (tensorstore would block on a FIFO)."""
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            st = os.stat(full)
+            if stat.S_ISDIR(st.st_mode) and os.path.islink(full):
+                raise ValueError(f"{full}: a symbolic link to a directory inside an orbax checkpoint")
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                raise ValueError(f"{full}: is {_file_type(st.st_mode)}, expected a checkpoint file")
 
 
 def _load_orbax(path: str) -> dict:
     import jax
     import orbax.checkpoint as ocp
 
-    meta_file = os.path.join(path, _ORBAX_META, "metadata")
-    if not os.path.isdir(os.path.join(path, _ORBAX_STATE)) or not os.path.isfile(meta_file):
-        raise ValueError(f"{path}: not an orbax checkpoint written by jprune (no '{_ORBAX_META}')")
-    try:
-        with ocp.PyTreeCheckpointer() as pc:
-            tree = pc.metadata(os.path.join(path, _ORBAX_STATE)).item_metadata.tree
+    if not os.path.isdir(path):
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        raise ValueError(f"{path}: an orbax checkpoint is a directory, this is not one")
+    meta = _orbax_meta(path)
+    _check_orbax_dir(path)
+    state_dir = os.path.join(path, _ORBAX_STATE)
+    with _parsing(path, "orbax checkpoint"), _quiet_orbax(), ocp.PyTreeCheckpointer() as pc:
+        found = pc.metadata(state_dir)  # None when orbax cannot read it
+        if found is None or found.item_metadata is None:
+            raise ValueError(f"{path}: not a readable orbax checkpoint: no array metadata in {state_dir}")
+        tree = found.item_metadata.tree
+        declared = sum(
+            int(np.prod(m.shape, dtype=object)) * np.dtype(m.dtype).itemsize for m in jax.tree.leaves(tree)
+        )
+        if declared > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+            raise ValueError(f"{path}: declares {declared} bytes of arrays, more than this machine's memory")
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
-            r = c.restore(
-                path,
-                ocp.args.Composite(
-                    **{
-                        _ORBAX_STATE: ocp.args.PyTreeRestore(restore_args=restore_args),
-                        _ORBAX_META: ocp.args.JsonRestore(),
-                    }
-                ),
-            )
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable orbax checkpoint: {e}") from e
-    state, meta = dict(r[_ORBAX_STATE]), r[_ORBAX_META]
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path}: expected format {_FORMAT!r}, got {meta.get('format')!r}")
-    params = state.get("params", {})
-    masks = {
-        path: m for path, m in _convert._leaf_paths(state.get("masks", {}))
-    }  # only present masks were saved
-    ckpt = {"params": params, "masks": _convert._mirror(params, masks)}
+        state = pc.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    if not isinstance(state, Mapping) or any(
+        k not in ("params", "masks", "batch_stats", "extra") for k in state
+    ):
+        raise ValueError(f"{path}: not an orbax checkpoint written by jprune (unexpected state entries)")
+    ckpt = {"params": state.get("params", {}), "masks": state.get("masks", {})}
     if "batch_stats" in state:
         ckpt["batch_stats"] = state["batch_stats"]
     if meta.get("recipe") is not None or "extra" in state:
-        ckpt["torch"] = {}
-        if meta.get("recipe") is not None:
-            ckpt["torch"]["recipe"] = meta["recipe"]
-        if "extra" in state:
-            ckpt["torch"]["extra"] = state["extra"]
-    return ckpt
+        ckpt["torch"] = {"recipe": meta.get("recipe"), "extra": state.get("extra")}
+    return _check_ckpt(ckpt, path)
 
 
 def load(path):
     """Reads a checkpoint file: a torch state_dict or a Flax checkpoint dict, by extension.
 
     `.pt`/`.pth` are read with `torch.load(weights_only=True)`, so a pickle that would run code is
-    refused and never executed.
+    refused and never executed. Only regular files are read (never a FIFO or a device), never more
+    than their size, and what was read is checked before it is returned.
 
     Args:
       path: a `.pt`, `.pth`, `.safetensors` or `.msgpack` file, or an orbax checkpoint directory.
 
     Returns:
-      A state_dict (OrderedDict of tensors) for torch files; a dict with `params`, `masks`, ... for
-      Flax files.
+      A state_dict (OrderedDict of tensors) for torch files; a dict with `params`, `masks` (a
+      bool array or None per params leaf), ... for Flax files.
 
     Raises:
       FileNotFoundError: `path` does not exist.
-      ValueError: an unknown extension, or a truncated or malformed file.
+      ValueError: an unknown extension, a path that is not a regular file (or directory, for
+        orbax), or a truncated or malformed file; the message starts with the path.
       pickle.UnpicklingError: a .pt/.pth pickle holding anything but tensors and containers.
 
     Examples:
@@ -212,58 +495,157 @@ def load(path):
       {'fc.weight': (2, 3)}
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if kind(path) == "torch":
+    fmt = _format(path)
+    if fmt in ("pt", "safetensors"):
         return load_torch(path)
-    if os.path.isdir(path):
+    if fmt == "orbax":
         return _load_orbax(path)
-    if _suffix(path) != ".msgpack":
-        raise ValueError(f"{path}: an orbax checkpoint is a directory, this is a file")
     return _load_msgpack(path)
 
 
-# ---------------------------------------------------------------------------------- writing
+# --------------------------------------------------------------------------------------- writing
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _rename_exchange(a: str, b: str) -> bool:
+    """Swaps two paths in one step (Linux renameat2); False where the system cannot."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. a filesystem without exchange
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str):
-    """Yields a temporary path next to `path`, renamed onto it only if the block succeeds."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+def _owner() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+_ASIDE = ".previous"  # where the fallback swap keeps the old orbax checkpoint for a moment
+
+
+def _alive(pid: int) -> bool:
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: str):
-    """Yields a fresh directory path; on success it replaces `path` (an old directory is removed
-    only after the new one is in place)."""
-    path = os.path.abspath(path.rstrip("/"))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{path}: exists and is not a directory")
+def _clean_orphans(path: str) -> None:
+    """Removes temporary directories a killed writer left for `path`: those named with this host
+    and a process id that no longer exists (another live writer's are left alone). An old orbax
+    checkpoint set aside by an interrupted fallback swap goes back to `path` if `path` is gone."""
+    parent, base = os.path.split(path)
+    pattern = re.compile(rf"\.{re.escape(base)}\.(\d+)@(.+)\.[A-Za-z0-9_]+\.tmp")
+    host = socket.gethostname()
+    for name in os.listdir(parent):
+        m = pattern.fullmatch(name)
+        if m is None or m[2] != host or _alive(int(m[1])):
+            continue
+        work = os.path.join(parent, name)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(os.path.join(work, _ASIDE)) and not os.path.lexists(path):
+                os.rename(os.path.join(work, _ASIDE), path)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _sniff(path: str) -> str | None:
+    """The format an existing regular file starts like, or None."""
+    try:
+        with _open_regular(path) as (f, size):
+            head = f.read(9)
+    except (OSError, ValueError):
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        return "pt"
+    if len(head) == 9 and int.from_bytes(head[:8], "little") <= size - 8 and head[8:] == b"{":
+        return "safetensors"
+    if head[0] in range(0x80, 0x90) or head[0] in (0xDE, 0xDF):  # a msgpack map
+        return "msgpack"
+    return None
+
+
+def _check_destination(path: str, fmt: str) -> None:
+    """Refuses a destination whose replacement could destroy anything but a checkpoint of `fmt`."""
     parent = os.path.dirname(path)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{path}: the directory {parent} does not exist")
     try:
-        new = os.path.join(work, "new")
-        yield new
-        old = os.path.join(work, "old")
-        if os.path.isdir(path):
-            os.rename(path, old)
-        os.rename(new, path)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    why = None
+    if stat.S_ISLNK(st.st_mode):
+        why = "is a symbolic link"
+    elif fmt == "orbax":
+        if not stat.S_ISDIR(st.st_mode):
+            why = "exists and is not a directory"
+        elif os.listdir(path):
+            try:
+                _orbax_meta(path)
+            except (OSError, ValueError):
+                why = "is a directory that is not a jprune orbax checkpoint"
+    elif not stat.S_ISREG(st.st_mode):
+        why = f"exists and is {_file_type(st.st_mode)}"
+    elif _sniff(path) != fmt:
+        why = f"exists and is not a {fmt} checkpoint"
+    if why:
+        raise ValueError(
+            f"{path}: {why}; refusing to replace it (only a checkpoint of the same format is "
+            "replaced): remove it or choose another path"
+        )
+
+
+def _errno_of(e: BaseException) -> int | None:
+    """The OS error behind a failed write (torch, safetensors and tensorstore each wrap it)."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    m = re.search(r"os error (\d+)|os_error_code='(\d+)'", str(e))
+    return int(m[1] or m[2]) if m else None
+
+
+@contextlib.contextmanager
+def _atomic(path: str, *, directory: bool):
+    """Yields a temporary path next to `path`; if the block completes, moves it onto `path`.
+
+    Files move with `os.replace`. A directory replacing an existing one is swapped with it in
+    one step (renameat2 RENAME_EXCHANGE), so a crash leaves either checkpoint at `path`, never
+    none; where the system cannot exchange, the old one is renamed aside and back on failure.
+    The temporary directory (and, after a swap, the old checkpoint) is removed at the end.
+    """
+    parent, base = os.path.split(path)
+    work = tempfile.mkdtemp(prefix=f".{base}.{_owner()}.", suffix=".tmp", dir=parent)
+    new = os.path.join(work, base)
+    try:
+        try:
+            yield new
+        except Exception as e:
+            code = _errno_of(e)
+            why = f"{os.strerror(code)} [Errno {code}]" if code else _first_line(e)
+            error = OSError(f"{path}: could not write the checkpoint: {why}; nothing was changed")
+            error.errno = code
+            raise error from e
+        if not directory or not os.path.lexists(path):
+            os.replace(new, path)
+        elif not _rename_exchange(new, path):
+            aside = os.path.join(work, _ASIDE)
+            os.rename(path, aside)
+            try:
+                os.rename(new, path)
+            except BaseException:
+                os.rename(aside, path)
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -282,8 +664,12 @@ def _save_safetensors(sd: Mapping, path: str) -> None:
     meta = {"jprune.key_order": json.dumps(list(sd))}
     if getattr(sd, "_metadata", None) is not None:
         meta["jprune.torch_metadata"] = json.dumps({k: dict(v) for k, v in sd._metadata.items()})
-    with _atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+    save_file(tensors, path, metadata=meta)
+
+
+def _save_pt(sd: Mapping, path: str) -> None:
+    with open(path, "wb") as f:  # a file object: a failed write surfaces as OSError with errno
+        torch.save(sd, f)
 
 
 def _empty_dict(x) -> bool:
@@ -297,50 +683,73 @@ def _prune_none(tree):
     return tree
 
 
-def _save_orbax(ckpt: Mapping, path: str) -> None:
+def _save_orbax(ckpt: dict, path: str) -> None:
     import orbax.checkpoint as ocp
 
     torch_meta = ckpt.get("torch") or {}
-    state = {"params": ckpt["params"], "masks": ckpt.get("masks") or {}}
+    state = {"params": ckpt["params"], "masks": ckpt["masks"]}
     if ckpt.get("batch_stats"):
         state["batch_stats"] = ckpt["batch_stats"]
     if torch_meta.get("extra"):
         state["extra"] = torch_meta["extra"]
-    state = _prune_none({k: _numpy_tree(v) for k, v in state.items()})
-    recipe = torch_meta.get("recipe")
-    meta = {"format": _FORMAT, "recipe": None if recipe is None else str(recipe)}
-    with _atomic_dir(path) as tmp, ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
+    state = _prune_none(state)
+    meta = {"format": _FORMAT, "recipe": torch_meta.get("recipe")}
+    with _quiet_orbax(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
         c.save(
-            tmp,
+            path,
             ocp.args.Composite(
                 **{_ORBAX_STATE: ocp.args.PyTreeSave(state), _ORBAX_META: ocp.args.JsonSave(meta)}
             ),
         )
 
 
+def _save_msgpack(ckpt: dict, path: str) -> None:
+    from flax import serialization
+
+    data = serialization.msgpack_serialize(ckpt)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def _numpy_tree(tree):
     if isinstance(tree, Mapping):
         return {k: _numpy_tree(v) for k, v in tree.items()}
-    if tree is None or isinstance(tree, str | bytes | int | float):
+    if tree is None or isinstance(tree, str | bytes):
         return tree
     return np.asarray(tree)
+
+
+def _destination(path) -> str:
+    path = os.fspath(path)
+    base = os.path.basename(path.rstrip("/"))
+    if base in ("", ".", ".."):
+        raise ValueError(
+            f"{path!r}: names no checkpoint (empty, '.' or '..'); give the checkpoint's own file "
+            "or directory name"
+        )
+    return os.path.abspath(path.rstrip("/"))
 
 
 def save(obj, path) -> None:
     """Writes a torch state_dict or a Flax checkpoint dict, in the format the extension names.
 
-    The write is atomic: the data goes to a temporary file (or directory) next to `path`, renamed
-    onto `path` only once complete, so a failure never leaves a half-written output. A state_dict
-    goes to `.pt`/`.pth`/`.safetensors` (key order kept); a checkpoint dict (as `from_torch`
-    returns) goes to `.msgpack` or an orbax directory.
+    The write is atomic: the data goes to a temporary directory next to `path` and is moved onto
+    `path` only once complete, so a failure (a full disk included) never leaves a half-written
+    output and never changes an existing one. An existing `path` is replaced only if it is a
+    checkpoint of the same format (for orbax: a jprune orbax directory, or an empty directory);
+    anything else there is refused untouched. A state_dict goes to `.pt`/`.pth`/`.safetensors`
+    (key order kept); a checkpoint dict (as `from_torch` returns) goes to `.msgpack` or an orbax
+    directory.
 
     Args:
       obj: a state_dict (str -> Tensor) or a checkpoint dict with `params`.
       path: the output path; its extension picks the format.
 
     Raises:
-      ValueError: an unknown extension.
+      ValueError: an unknown extension; a destination that is not a checkpoint of that format;
+        a checkpoint dict that `load` would refuse (e.g. a non-bool mask).
       TypeError: `obj` does not suit the format (e.g. a checkpoint dict for a `.pt` file).
+      OSError: the write failed (e.g. no space left); nothing was changed.
 
     Examples:
       >>> import os, tempfile, numpy as np
@@ -350,39 +759,36 @@ def save(obj, path) -> None:
       >>> load(path)["masks"]
       {'w': None}
     """
-    path = os.fspath(path)
-    if kind(path) == "torch":
+    path = _destination(path)
+    fmt = _format(path)
+    if fmt in ("pt", "safetensors"):
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise TypeError(
                 f"{path}: a torch file holds a state_dict (str -> Tensor); convert a Flax "
                 "checkpoint with to_torch first"
             )
-        if _suffix(path) == ".safetensors":
-            _save_safetensors(obj, path)
-        else:
-            with _atomic_file(path) as tmp:
-                torch.save(obj, tmp)
-        return
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("params"), Mapping):
-        raise TypeError(
-            f"{path}: a Flax file holds a checkpoint dict with 'params'; convert a state_dict "
-            "with from_torch first"
-        )
-    if _is_orbax(path):
-        _save_orbax(obj, path)
-        return
-    from flax import serialization
-
-    data = serialization.msgpack_serialize(_numpy_tree(dict(obj)))
-    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+        _check_state_dict(obj, path)
+        write = _save_pt if fmt == "pt" else _save_safetensors
+    else:
+        if not isinstance(obj, Mapping) or not isinstance(obj.get("params"), Mapping):
+            raise TypeError(
+                f"{path}: a Flax file holds a checkpoint dict with 'params'; convert a state_dict "
+                "with from_torch first"
+            )
+        obj = _check_ckpt(_numpy_tree(dict(obj)), path)
+        write = _save_orbax if fmt == "orbax" else _save_msgpack
+    _check_destination(path, fmt)
+    _clean_orphans(path)
+    with _atomic(path, directory=fmt == "orbax") as tmp:
+        write(obj, tmp)
 
 
 def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
     """Converts a checkpoint file between torch and Flax formats; direction by extension.
 
     Reads all of `src` and converts it in memory before anything is written, then writes `dst`
-    atomically, so bad input leaves no output. torch -> torch and Flax -> Flax re-encode
+    atomically (see `save`), so bad input leaves no output and an existing `dst` that is not a
+    checkpoint of its format is refused untouched. torch -> torch and Flax -> Flax re-encode
     (e.g. .pt -> .safetensors, .msgpack -> orbax).
 
     Args:
@@ -394,8 +800,10 @@ def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
 
     Raises:
       FileNotFoundError: `src` does not exist.
-      ValueError: unknown extensions, malformed input, or anything `from_torch`/`to_torch` refuse.
+      ValueError: unknown extensions, malformed input, a `dst` that is not a checkpoint of its
+        format, or anything `from_torch`/`to_torch` refuse (prefixed with `src`).
       pickle.UnpicklingError: a .pt/.pth pickle that is not plain tensors.
+      OSError: writing `dst` failed; nothing was changed.
 
     Examples:
       >>> import os, tempfile, torch
@@ -407,20 +815,19 @@ def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
       (3, 2)
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    src_kind, dst_kind = kind(src), kind(dst)
-    if not os.path.exists(src):
-        raise FileNotFoundError(f"{src}: no such file or directory")
+    src_kind = kind(src)
+    dst_fmt = _format(_destination(dst))
+    _check_destination(_destination(dst), dst_fmt)  # refuse before the (long) read
     if src_kind == "torch":
-        mmap = _suffix(src) != ".safetensors"
-        sd = load_torch(src, mmap=mmap)
-        if dst_kind == "flax":
-            obj = _convert._from_torch(sd, template, copy=mmap, progress=progress)
-        else:
-            obj = sd
+        mmap = _format(src) == "pt"
+        obj = load_torch(src, mmap=mmap)
     else:
-        ckpt = load(src)
-        if dst_kind == "torch":
-            obj = _convert._to_torch(ckpt, template, progress=progress)
-        else:
-            obj = ckpt
+        obj = load(src)
+    try:
+        if src_kind == "torch" and dst_fmt in ("msgpack", "orbax"):
+            obj = _convert._from_torch(obj, template, copy=mmap, progress=progress)
+        elif src_kind == "flax" and dst_fmt in ("pt", "safetensors"):
+            obj = _convert._to_torch(obj, template, progress=progress)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from e
     save(obj, dst)

@@ -510,9 +510,8 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     save({"w": torch.ones(2)}, tmp_path / "old.pt")
     before = (tmp_path / "old.pt").read_bytes()
 
-    def broken_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"half")
+    def broken_save(obj, f, *a, **k):  # save hands torch.save an open file
+        f.write(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
