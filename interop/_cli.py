@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.dst}")
     except (ValueError, TypeError, OSError, pickle.UnpicklingError, MemoryError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
-        source = args.file if args.command == "inspect" else args.src
-        _error(message if os.fspath(source) in message else f"{source}: {message}")
+        if args.command == "inspect" and not message.startswith(args.file):
+            message = f"{args.file}: {message}"  # a summary's error names the tensor, not the file
+        _error(message)
         return 1
     except KeyboardInterrupt:
         _error("interrupted")

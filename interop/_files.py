@@ -400,8 +400,10 @@ def _quiet_orbax():
         logger.setLevel(logging.CRITICAL)
     try:
         yield
+    except BaseException:
+        gc.collect()  # a failed call's leftover tasks report now, while quiet
+        raise
     finally:
-        gc.collect()  # leftover tasks report now, while quiet
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 
@@ -441,7 +443,7 @@ def _load_orbax(path: str) -> dict:
         raise ValueError(f"{path}: an orbax checkpoint is a directory, this is not one")
     meta = _orbax_meta(path)
     _check_orbax_dir(path)
-    state_dir = os.path.join(path, _ORBAX_STATE)
+    state_dir = os.path.join(os.path.abspath(path), _ORBAX_STATE)  # orbax needs absolute paths
     with _parsing(path, "orbax checkpoint"), _quiet_orbax(), ocp.PyTreeCheckpointer() as pc:
         found = pc.metadata(state_dir)  # None when orbax cannot read it
         if found is None or found.item_metadata is None:

@@ -116,6 +116,18 @@ def run_python(code, timeout=60):
     )
 
 
+def test_cli_with_relative_paths_is_quiet(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write("pt", tmp_path / "m.pt")
+    assert cli(["convert", "m.pt", "ckpt"]) == 0
+    assert cli(["convert", "ckpt", "again.safetensors"]) == 0
+    assert capsys.readouterr().err == ""
+    assert cli(["inspect", "ckpt", "--json"]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and json.loads(out.out)["format"] == "flax"
+    same_tree(load("again.safetensors"), load("m.pt"))
+
+
 # ----------------------------------------------------------------- 1. never destroy what is there
 
 
