@@ -288,36 +288,12 @@ def _load_safetensors(path: str) -> Mapping:
 
 
 def _check_recipe(path: str, recipe) -> None:
-    """The recipe `from_torch` records: a JSON object with `keys`, a list of
-    [torch key, [target path...], layout, dtype], and optional `metadata` {module: {...}}."""
-
-    def entry_ok(e):
-        return (
-            isinstance(e, list)
-            and len(e) == 4
-            and isinstance(e[0], str)
-            and isinstance(e[1], list)
-            and len(e[1]) >= 1
-            and all(isinstance(c, str) for c in e[1])
-            and all(isinstance(x, str) for x in e[2:])
-        )
-
+    if not isinstance(recipe, str):
+        raise ValueError(f"{path}: torch/recipe is a {type(recipe).__name__}, expected a JSON string")
     try:
-        meta = json.loads(recipe) if isinstance(recipe, str) else _MISSING
-    except ValueError:
-        meta = _MISSING
-    if not (
-        isinstance(meta, dict)
-        and isinstance(meta.get("keys"), list)
-        and all(entry_ok(e) for e in meta["keys"])
-        and isinstance(meta.get("metadata", {}), dict)
-        and all(isinstance(v, dict) for v in meta.get("metadata", {}).values())
-    ):
-        raise ValueError(
-            f"{path}: torch/recipe is not the JSON recipe from_torch records (a JSON object whose "
-            "'keys' lists [torch key, [target...], layout, dtype]); drop ckpt['torch'] to use "
-            "default torch names"
-        )
+        _convert._read_recipe(recipe)  # the recipe's own checks, where from_torch writes it
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; drop ckpt['torch'] to use default torch names") from None
 
 
 def _check_tree(path: str, tree, where: str) -> None:
