@@ -38,9 +38,14 @@ _BINS = 1 << 16
 _NO_TIE = 0xFFFFFFFF  # the "last tied index chosen" when every tied entry is chosen
 
 
+def key_bits(dtype) -> int:
+    """The width of the keys of scores of ``dtype``: 64 for 64-bit dtypes, 32 otherwise."""
+    return 64 if jnp.dtype(dtype).itemsize > 4 else 32
+
+
 def key_dtype(dtype):
-    """The key type of scores of ``dtype``: uint64 for 64-bit dtypes, uint32 otherwise."""
-    return jnp.uint64 if jnp.dtype(dtype).itemsize > 4 else jnp.uint32
+    """The key type of scores of ``dtype``: uint64 or uint32 (see ``key_bits``)."""
+    return jnp.uint64 if key_bits(dtype) == 64 else jnp.uint32
 
 
 def magnitude_keys(x):
@@ -246,12 +251,11 @@ def prune_groups(groups, ks, *, bits: int = 32, method: str = "auto"):
             out.append([jnp.zeros(jnp.shape(a[0]), bool) for _, a in sources])
             continue
         sources, hist, offsets, k, t, take, _ = plan
-        last = _cond(
-            tied,
-            lambda s=sources, h=hist, o=offsets, t=t, n=take: kth_smallest(s, n, h, ties=[(t, x) for x in o])[
-                0
-            ],
-            lambda: jnp.uint32(_NO_TIE),
-        )
+
+        def last_tied(sources=sources, hist=hist, offsets=offsets, t=t, take=take):
+            """The flat index of the last tied entry chosen: the take-th smallest index keyed t."""
+            return kth_smallest(sources, take, hist, ties=[(t, off) for off in offsets])[0]
+
+        last = _cond(tied, last_tied, lambda: jnp.uint32(_NO_TIE))
         out.append([_keep(f, a, t, last, off, k) for (f, a), off in zip(sources, offsets)])
     return out

@@ -78,29 +78,28 @@ def l1_sources(tree: Tree, idx, *, joint: bool):
     """The L1 sources of the selected leaves, and the width of their keys.
 
     A global ranking compares every leaf on one scale, as torch's ``torch.cat`` of the scores does:
-    with any floating scores, all are cast to the promoted dtype (float64 ranks in float64, ints
+    with any floating scores, all are ranked in the promoted dtype (float64 ranks in float64, ints
     beside float32 are rounded to float32); integer scores alone compare exactly (keys widened).
+    Floats of up to 32 bits need no cast: their keys are already float32 keys.
     """
     _real_scores(tree, idx)
     args = [(tree.values[i], tree.masks[i], tree.scores[i]) for i in idx]
     dtypes = [jnp.result_type(v if s is None else s) for v, _, s in args]
     if not joint:
-        return [(l1_keys, a) for a in args], [8 * _select_bytes(d) for d in dtypes]
+        return [(l1_keys, a) for a in args], [_select.key_bits(d) for d in dtypes]
     if any(jnp.issubdtype(d, jnp.floating) for d in dtypes):
         common = functools.reduce(jnp.promote_types, dtypes)
+        bits = _select.key_bits(common)
         cast = [
-            (v, m, s) if d == common else (v, m, (v if s is None else s).astype(common))
+            (v, m, s)
+            if jnp.issubdtype(d, jnp.floating) and _select.key_bits(d) == bits
+            else (v, m, (v if s is None else s).astype(common))
             for (v, m, s), d in zip(args, dtypes)
         ]
-        bits = 8 * _select_bytes(common)
         return [(l1_keys, a) for a in cast], [bits] * len(args)
-    bits = max(8 * _select_bytes(d) for d in dtypes)
-    fns = [l1_keys if 8 * _select_bytes(d) == bits else l1_keys_wide for d in dtypes]
+    bits = max(_select.key_bits(d) for d in dtypes)
+    fns = [l1_keys if _select.key_bits(d) == bits else l1_keys_wide for d in dtypes]
     return list(zip(fns, args)), [bits] * len(args)
-
-
-def _select_bytes(dtype) -> int:
-    return jnp.dtype(_select.key_dtype(dtype)).itemsize
 
 
 def run(tree: Tree, idx, amount, *, kind: str, joint: bool, key=None, method: str = "auto"):

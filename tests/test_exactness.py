@@ -33,11 +33,18 @@ def torch_global(arrays: dict, amount, scores: dict | None = None) -> dict:
     for name, a in arrays.items():
         t = torch.tensor(np.asarray(a))
         setattr(mod, name, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
-    imp = None if scores is None else {(mod, k): torch.tensor(np.array(v)) for k, v in scores.items()}
+    imp = None if scores is None else {(mod, k): as_torch(v) for k, v in scores.items()}
     tprune.global_unstructured(
         [(mod, k) for k in arrays], pruning_method=tprune.L1Unstructured, importance_scores=imp, amount=amount
     )
     return {k: torch_mask(mod, k) for k in arrays}
+
+
+def as_torch(a) -> torch.Tensor:
+    a = np.array(a)
+    if a.dtype.name == "bfloat16":  # numpy has no bf16: through float32, exactly
+        return torch.tensor(a.astype(np.float32)).to(torch.bfloat16)
+    return torch.tensor(a)
 
 
 def assert_masks(got: dict, want: dict):
