@@ -86,6 +86,8 @@ def test_global_float64_ranks_all_leaves_on_one_scale(wrap):
         ("uint8", "int16"),
         ("int64", "float16"),
         ("float32", "float64"),
+        ("bfloat16", "float16"),
+        ("int32", "bfloat16"),
     ],
 )
 def test_global_mixed_dtype_scores_rank_on_one_scale(dtypes):
