@@ -192,7 +192,7 @@ def _check_state_dict(obj, path) -> Mapping:
     return obj
 
 
-def _check_pt_archive(path: str, f, size: int) -> None:
+def _check_pt_archive(path: str, f, size: int) -> list[int]:
     """A .pt must be torch's zip archive with stored (uncompressed) entries inside the file, so
     nothing torch reads or allocates can exceed the file's size."""
     head = f.read(4)
@@ -217,6 +217,18 @@ def _check_pt_archive(path: str, f, size: int) -> None:
                 f"{path}: archive entry {info.filename!r} is compressed or extends past the end "
                 "of the file; torch.save writes neither (damaged or repacked file?)"
             )
+    return sorted(i.file_size for i in infos if re.search(r"/data/[^/]+$", i.filename) and i.file_size)
+
+
+def _check_mmap_storages(path: str, sd: Mapping, records: list[int]) -> None:
+    """With mmap, torch slices each storage out of the file by the size the pickle declares,
+    unchecked (reading records, it checks); each storage must be exactly one data record."""
+    storages = {}
+    for t in sd.values():
+        if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    if sorted(storages.values()) != records:
+        raise ValueError(f"{path}: tensor storages do not match the archive's data records (damaged file?)")
 
 
 def load_torch(path, *, mmap: bool = False) -> Mapping:
@@ -228,7 +240,7 @@ def load_torch(path, *, mmap: bool = False) -> Mapping:
     if fmt != "pt":
         raise ValueError(f"{path}: not a torch file (.pt, .pth or .safetensors)")
     with _open_regular(path) as (f, size), _parsing(path, "torch checkpoint"):
-        _check_pt_archive(path, f, size)
+        records = _check_pt_archive(path, f, size)
         f.seek(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about what it then refuses
@@ -242,7 +254,10 @@ def load_torch(path, *, mmap: bool = False) -> Mapping:
                     f"{path}: refused to unpickle (torch.load weights_only=True): {why}; nothing in "
                     "it was executed"
                 ) from None
-    return _check_state_dict(obj, path)
+    _check_state_dict(obj, path)
+    if mmap:
+        _check_mmap_storages(path, obj, records)
+    return obj
 
 
 def _json_meta(path: str, meta: Mapping, name: str, ok, expected: str):
