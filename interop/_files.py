@@ -614,12 +614,13 @@ def _atomic(path: str, *, directory: bool):
 
     Files move with `os.replace`. A directory replacing an existing one is swapped with it in
     one step (renameat2 RENAME_EXCHANGE), so a crash leaves either checkpoint at `path`, never
-    none; where the system cannot exchange, the old one is renamed aside and back on failure.
+    none; where the system cannot exchange, the old one is renamed aside and back on failure
+    (should that fail too, or the process die in between, the next save to `path` puts it back).
     The temporary directory (and, after a swap, the old checkpoint) is removed at the end.
     """
     parent, base = os.path.split(path)
     work = tempfile.mkdtemp(prefix=f".{base}.{_owner()}.", suffix=".tmp", dir=parent)
-    new = os.path.join(work, base)
+    new, aside = os.path.join(work, base), os.path.join(work, _ASIDE)
     try:
         try:
             yield new
@@ -632,7 +633,6 @@ def _atomic(path: str, *, directory: bool):
         if not directory or not os.path.lexists(path):
             os.replace(new, path)
         elif not _rename_exchange(new, path):
-            aside = os.path.join(work, _ASIDE)
             os.rename(path, aside)
             try:
                 os.rename(new, path)
@@ -640,7 +640,8 @@ def _atomic(path: str, *, directory: bool):
                 os.rename(aside, path)
                 raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not (os.path.isdir(aside) and not os.path.lexists(path)):  # else _clean_orphans restores it
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _save_safetensors(sd: Mapping, path: str) -> None:

@@ -234,6 +234,20 @@ def test_orbax_overwrite_without_exchange(tmp_path, monkeypatch):
     save({"params": {"w": np.zeros(2, np.float32)}}, dst)
     assert load(dst)["params"]["w"].shape == (2,) and os.listdir(tmp_path) == ["ckpt"]
 
+    def rename_only_aside(a, b):  # moving back fails too: the old checkpoint must survive
+        if os.fspath(b) == str(dst):
+            raise OSError(5, "I/O error")
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename_only_aside)
+    with pytest.raises(OSError, match="I/O error"):
+        save(flax_ckpt(), dst)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not dst.exists()
+    monkeypatch.setattr(_files, "_alive", lambda pid: False)  # as after this process ended
+    _files._clean_orphans(str(dst))
+    assert load(dst)["params"]["w"].shape == (2,) and os.listdir(tmp_path) == ["ckpt"]
+
 
 # The writer is SIGKILLed at the worst moment: right after the swap (exchange), or (fallback
 # without exchange) between moving the old checkpoint aside and moving the new one in.
