@@ -12,8 +12,9 @@
 //   is found among those, and their masks are written last, ties in flat order;
 // - a large bucket (ties: after `remove`, half a leaf can be exact zeros): no gathering. The k-th key
 //   t is exact zero if the zeros the histogram pass counted (per chunk) reach it; else a histogram
-//   of the low 16 bits inside the bucket finds t and a counting pass finds its ties per chunk. Then
-//   one pass writes every mask, each chunk knowing how many of its ties come first in flat order.
+//   of the low 16 bits inside the bucket finds t and a counting pass finds its ties per chunk (a
+//   group on one thread counts them as it writes). Then one pass writes every mask, each chunk
+//   knowing how many of its ties come first in flat order.
 // Groups of at most 2^14 entries skip the histogram and gather every key. Work is split over XLA's
 // intra-op thread pool: chunks of one group (with per-thread histograms), or whole groups when
 // there are several.
