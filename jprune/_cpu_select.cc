@@ -165,8 +165,11 @@ void ParallelFor(ffi::ThreadPool* pool, int workers, int64_t n, const F& f) {
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int w = 1; w < workers && w < n; ++w) {
-    pool->Schedule([state, work] { work(state->slot.fetch_add(1)); });
+  try {
+    for (int w = 1; w < workers && w < n; ++w) {
+      pool->Schedule([state, work] { work(state->slot.fetch_add(1)); });
+    }
+  } catch (...) {  // fewer helpers (no memory for a task): this thread claims what is left
   }
   work(0);
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
