@@ -476,6 +476,14 @@ def _quantized_pt(tmp_path):
     return path
 
 
+def _complex32_pt(tmp_path):
+    path = tmp_path / "m.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: complex32 is experimental
+        torch.save({"w": torch.zeros(2, dtype=torch.complex32)}, path)
+    return path
+
+
 def _raw(path, data):
     path.write_bytes(data)
     return path
@@ -566,6 +574,7 @@ MALFORMED = {
     "orbax fifo inside": (lambda t: _special(t, "ckpt", "orbax_fifo"), "is a FIFO"),
     "pt quantized": (_quantized_pt, "quantized"),
     "pt legacy format": (_legacy_pt, "pre-1.6"),
+    "pt complex32": (_complex32_pt, "no numpy/JAX counterpart"),
     "pt compressed entry": (lambda t: _pt_archive(t, compress=True), "compressed"),
     "pt entry past the end": (lambda t: _pt_archive(t, entry_size=2**31 - 1), "past the end"),
     # torch checks a record's size when it reads it (load), not when it maps it (inspect, convert)
