@@ -262,6 +262,13 @@ def load_torch(path, *, mmap: bool = False) -> Mapping:
     return obj
 
 
+_MISSING = object()
+
+
+def _is_str(x) -> bool:
+    return isinstance(x, str)
+
+
 def _json_meta(path: str, meta: Mapping, name: str, ok, expected: str):
     try:
         value = json.loads(meta[name])
@@ -270,9 +277,6 @@ def _json_meta(path: str, meta: Mapping, name: str, ok, expected: str):
     if value is _MISSING or not ok(value):
         raise ValueError(f"{path}: metadata {name!r} is not {expected}")
     return value
-
-
-_MISSING = object()
 
 
 def _load_safetensors(path: str) -> Mapping:
@@ -288,7 +292,9 @@ def _load_safetensors(path: str) -> Mapping:
                 path,
                 meta,
                 "jprune.key_order",
-                lambda v: isinstance(v, list) and sorted(map(str, v)) == sorted(keys),
+                lambda v: (
+                    isinstance(v, list) and all(isinstance(k, str) for k in v) and sorted(v) == sorted(keys)
+                ),
                 "a JSON list of the file's tensor names",
             )
         sd = OrderedDict((k, f.get_tensor(k)) for k in order)
@@ -357,7 +363,7 @@ def _check_ckpt(ckpt, path) -> dict:
                 raise ValueError(f"{path}: {where} is {got}, expected a bool array (False = pruned)")
             if m.shape != p.shape:
                 raise ValueError(f"{path}: {where} has shape {m.shape}, expected {p.shape} (its params')")
-        masks = {p: m for p, m in _convert._leaf_paths(masks) if m is not None}
+        masks = {at: m for at, m in _convert._leaf_paths(masks) if m is not None}
     out["masks"] = _convert._mirror(params, masks or {})
     if ckpt.get("batch_stats") is not None:
         _check_tree(path, ckpt["batch_stats"], "batch_stats")
