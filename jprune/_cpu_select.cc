@@ -55,7 +55,7 @@ namespace {
 
 constexpr uint32_t kSentinel = 0xFFFFFFFFu;
 constexpr int64_t kBins = 1 << 16;
-constexpr int64_t kWays = 4;         // histograms filled in turn (see HistogramOf)
+constexpr int64_t kWays = 2;         // histograms filled in turn (see HistogramOf)
 constexpr int64_t kSlots = kBins * kWays;
 constexpr int64_t kChunk = 1 << 18;  // entries per work item
 constexpr int64_t kSmall = 1 << 14;  // groups up to this size skip the histogram
@@ -215,11 +215,6 @@ class Scratch {
     buf_ = std::move(bigger);
     cap_ = cap;
   }
-  void Zero(size_t n) {  // n zeros
-    Reserve(n);
-    std::fill(data(), data() + n, 0u);
-    size = n;
-  }
 
  private:
   std::unique_ptr<uint32_t[]> buf_;
@@ -319,7 +314,7 @@ int64_t CountTies(const Chunk& c, uint32_t t) {
 // to be stored. A bin's count is the sum over the ways (Group::Sum). `add(way, i, key)` adds entry i.
 template <Kind K, class Add>
 inline void HistogramLoop(const Chunk& c, Add add) {
-  static_assert(kWays == 4, "unrolled by four");
+  static_assert(kWays == 2, "unrolled by two, four entries a step");
   const void* data = c.leaf->data;  // locals: the stores to h cannot change them
   const bool* mask = c.leaf->mask;
   int64_t i = c.begin;
@@ -330,14 +325,14 @@ inline void HistogramLoop(const Chunk& c, Add add) {
       const uint32_t k1 = mask[i + 1] ? KeyAt<K>(data, i + 1) : kSentinel;
       const uint32_t k2 = mask[i + 2] ? KeyAt<K>(data, i + 2) : kSentinel;
       const uint32_t k3 = mask[i + 3] ? KeyAt<K>(data, i + 3) : kSentinel;
-      add(0, i, k0), add(1, i + 1, k1), add(2, i + 2, k2), add(3, i + 3, k3);
+      add(0, i, k0), add(1, i + 1, k1), add(0, i + 2, k2), add(1, i + 3, k3);
     }
     for (; i < end; ++i) add(0, i, mask[i] ? KeyAt<K>(data, i) : kSentinel);
   } else {
     for (; i + 4 <= end; i += 4) {
       const uint32_t k0 = KeyAt<K>(data, i), k1 = KeyAt<K>(data, i + 1);
       const uint32_t k2 = KeyAt<K>(data, i + 2), k3 = KeyAt<K>(data, i + 3);
-      add(0, i, k0), add(1, i + 1, k1), add(2, i + 2, k2), add(3, i + 3, k3);
+      add(0, i, k0), add(1, i + 1, k1), add(0, i + 2, k2), add(1, i + 3, k3);
     }
     for (; i < end; ++i) add(0, i, KeyAt<K>(data, i));
   }
@@ -365,8 +360,8 @@ inline void CountLow(const uint32_t* keys, int64_t n, uint32_t* h) {
   for (; j + 4 <= n; j += 4) {
     ++h[keys[j] & 0xFFFF];
     ++h[kBins + (keys[j + 1] & 0xFFFF)];
-    ++h[2 * kBins + (keys[j + 2] & 0xFFFF)];
-    ++h[3 * kBins + (keys[j + 3] & 0xFFFF)];
+    ++h[keys[j + 2] & 0xFFFF];
+    ++h[kBins + (keys[j + 3] & 0xFFFF)];
   }
   for (; j < n; ++j) ++h[keys[j] & 0xFFFF];
 }
@@ -675,39 +670,54 @@ class Group {
     ParallelFor(pool_, workers_, static_cast<int64_t>(chunks_.size()), f);
   }
 
-  // Per-worker histograms of kSlots zeroed slots.
-  std::vector<Scratch> Histograms() {
+  // Per-worker histograms of kSlots slots, zeroed. For the high 16 key bits (`high`), only the bins a
+  // key can reach: real keys are below 2^31 (bins up to 0x7FFF) and the sentinel's bin is the last
+  // (half the zeroing, which matters for groups not much larger than a histogram).
+  std::vector<Scratch> Histograms(bool high) {
+    const int64_t reach = high ? (kMaxKey >> 16) + 1 : kBins;
     std::vector<Scratch> hist;
     hist.reserve(workers_);
     for (int w = 0; w < workers_; ++w) {
       hist.emplace_back();
-      hist.back().Zero(kSlots);
+      Scratch& h = hist.back();
+      h.Reserve(kSlots);
+      for (int64_t way = 0; way < kWays; ++way) {
+        uint32_t* bins = h.data() + way * kBins;
+        std::fill(bins, bins + reach, 0u);
+        bins[kBins - 1] = 0;
+      }
     }
     return hist;
   }
 
-  // A bin's count, over its slots in every worker's histogram.
-  static int64_t Sum(std::vector<Scratch>& hist, int64_t bin) {
-    int64_t n = 0;
-    for (Scratch& h : hist) {
-      for (int64_t way = 0; way < kWays; ++way) n += h.data()[way * kBins + bin];
+  // Adds every worker's ways into the first way of the first histogram, for the bins [0, reach) and
+  // the last one; returns those counts (a vectorized pass, instead of summing slots per bin).
+  static const uint32_t* Merge(std::vector<Scratch>& hist, int64_t reach) {
+    uint32_t* to = hist[0].data();
+    for (size_t w = 0; w < hist.size(); ++w) {
+      for (int64_t way = w == 0 ? 1 : 0; way < kWays; ++way) {
+        const uint32_t* from = hist[w].data() + way * kBins;
+        for (int64_t bin = 0; bin < reach; ++bin) to[bin] += from[bin];
+        if (reach < kBins) to[kBins - 1] += from[kBins - 1];
+      }
     }
-    return n;
+    return to;
   }
 
   // The bucket of the k-th key, from a histogram of the high 16 key bits. Counts the exact zeros
   // too: per chunk in zeros_, and their total as its last entry.
   Bucket FindBucket(int64_t k) {
-    std::vector<Scratch> hist = Histograms();
+    std::vector<Scratch> hist = Histograms(/*high=*/true);
     zeros_.assign(chunks_.size() + 1, 0);
     ForChunks([&](int64_t c, int slot) { zeros_[c] = Histogram(chunks_[c], hist[slot].data()); });
     zeros_.back() = std::accumulate(zeros_.begin(), zeros_.end() - 1, int64_t{0});
+    const uint32_t* counts = Merge(hist, (kMaxKey >> 16) + 1);
     Bucket b;
-    const int64_t sentinels = Sum(hist, kBins - 1);  // the top bin holds only sentinels
+    const int64_t sentinels = counts[kBins - 1];  // the top bin holds only sentinels
     b.k = std::clamp<int64_t>(k, 0, total_ - sentinels);
     if (b.k == 0) return b;
     for (;; ++b.bucket) {
-      b.count = Sum(hist, b.bucket);
+      b.count = counts[b.bucket];
       if (b.below + b.count >= b.k) break;
       b.below += b.count;
     }
@@ -716,16 +726,17 @@ class Group {
 
   // The r-th key (from 1) of a bucket, from a histogram of the low 16 bits of its keys.
   Kth Low(uint32_t bucket, int64_t r) {
-    std::vector<Scratch> hist = Histograms();
+    std::vector<Scratch> hist = Histograms(/*high=*/false);
     ForChunks([&](int64_t c, int slot) {
 #ifdef JPRUNE_AVX512
       if (avx512_) return HistogramLowFast(chunks_[c], bucket, hist[slot].data());
 #endif
       HistogramLow(chunks_[c], bucket, hist[slot].data());
     });
+    const uint32_t* counts = Merge(hist, kBins);
     int64_t less = 0;
     for (uint32_t low = 0;; ++low) {
-      const int64_t n = Sum(hist, low);
+      const int64_t n = counts[low];
       if (less + n >= r) return {(bucket << 16) | low, r - less};
       less += n;
     }
