@@ -22,7 +22,6 @@ those named with this host and a process id that no longer exists.
 import contextlib
 import ctypes
 import errno
-import gc
 import json
 import logging
 import os
@@ -389,22 +388,46 @@ def _load_msgpack(path: str) -> dict:
     return _check_ckpt(ckpt, path)
 
 
+class _OrbaxLeftovers(logging.Filter):
+    """Drops what a failed orbax call's abandoned tensorstore futures log when collected
+    ("Future exception was never retrieved"): the error already raised, again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("never retrieved" in message and "tensorstore" in message)
+
+
+def _unraisable(unraisable) -> None:
+    """Drops the callbacks a failed orbax call's tensorstore threads post to its event loop after
+    orbax closed it ("Event loop is closed"); anything else goes to the previous hook."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
-    """orbax logs (to stderr) what it then raises, and its event loop's leftover tasks log their
-    errors when collected; the error raised is the one message."""
-    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
+    """orbax logs (to stderr) what it then raises, and after a failure its abandoned futures
+    report the same error again, possibly later (even at exit): the error raised is the one
+    message, so those reports are dropped."""
+    global _previous_unraisablehook
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     except BaseException:
-        gc.collect()  # a failed call's leftover tasks report now, while quiet
+        if sys.unraisablehook is not _unraisable:
+            _previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, _unraisable
+        asyncio_logger = logging.getLogger("asyncio")
+        if not any(isinstance(f, _OrbaxLeftovers) for f in asyncio_logger.filters):
+            asyncio_logger.addFilter(_OrbaxLeftovers())
         raise
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        logger.setLevel(level)
 
 
 def _orbax_meta(path: str) -> dict:

@@ -680,8 +680,6 @@ def _mutate(data: bytes, how: str, at: int, byte: int) -> bytes:
     return data[:at] + bytes([byte]) * 3 + data[at:]
 
 
-# orbax's event loop reports, after it raised, callbacks that arrive once it is closed (unraisable).
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("fmt", list(EXT))
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(
