@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 
 from . import _files, _inspect
 
@@ -84,6 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_convert.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     args = parser.parse_args(argv)
+    # Libraries' warnings (torch, numpy, orbax) would add lines to the one-line error; they are
+    # shown, one line each, only when the command succeeded.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        status = _run(args)
+    if status == 0:
+        for message in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+            print(f"jprune: warning: {message}", file=sys.stderr)
+    return status
+
+
+def _run(args) -> int:
     try:
         if args.command == "inspect":
             summary = _inspect.summarize(args.file)

@@ -651,6 +651,25 @@ def test_unexpected_error_is_one_line_with_its_type(tmp_path, capsys, monkeypatc
         cli(["inspect", str(path)])
 
 
+def test_library_warnings_never_add_lines_to_an_error(tmp_path, capsys, monkeypatch):
+    from jprune.interop import _inspect
+
+    path = write("pt", tmp_path / "m.pt")
+    real = _inspect.summarize
+
+    def noisy(obj, fail):
+        warnings.warn("something\nodd", UserWarning, stacklevel=1)
+        if fail:
+            raise ValueError(f"{obj}: refused")
+        return real(obj)
+
+    monkeypatch.setattr(_inspect, "summarize", lambda obj: noisy(obj, fail=True))
+    cli_refuses(capsys, "inspect", path, match="refused")
+    monkeypatch.setattr(_inspect, "summarize", lambda obj: noisy(obj, fail=False))
+    assert cli(["inspect", str(path)]) == 0
+    assert capsys.readouterr().err == "jprune: warning: something odd\n"
+
+
 # ------------------------------------------------------------------------- 5. fuzzed file bytes
 
 _FUZZ_SOURCES = {}
