@@ -137,6 +137,25 @@ def test_public_api_uses_the_kernel_and_agrees_with_xla():
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_public_api_16_bit_agrees_with_xla(dtype, monkeypatch):
+    """Every 16-bit pattern (NaNs included: the large amounts cut among them) next to a float32
+    leaf: the kernel and the XLA path (kernel refused through ``usable``) give the same masks."""
+    rng = np.random.default_rng(7)
+    x = rng.permutation(np.arange(2**16, dtype=np.uint32).astype(np.uint16)).view(dtype).reshape(256, 256)
+    params = {
+        "a": {"kernel": jnp.asarray(x)},
+        "b": {"kernel": jnp.asarray(sample(rng, 60_000, "normal").reshape(300, 200))},
+    }
+    for fn in (jp.l1_unstructured, jp.global_unstructured):
+        for amount in (0.3, 0.97, 0.999):
+            native = fn(params, amount)
+            with monkeypatch.context() as m:
+                m.setattr(_cpu, "usable", lambda arrays: False)
+                xla = fn(params, amount)
+            assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), native, xla))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("simd", [True, False], ids=["avx512-if-any", "portable"])
 def test_every_16_bit_pattern(dtype, simd):
     """All 65536 values of a 16-bit float, in two orders: keys as float32 keys (NaN above inf),
