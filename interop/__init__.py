@@ -60,9 +60,9 @@ NHWC models: torch flattens (C, H, W) before the first Linear after convolutions
 NHWC activations to (C, H, W) before the reshape and the converted kernel works as is.
 """
 
-from ._convert import from_torch as from_torch
-from ._convert import to_torch as to_torch
-from ._files import convert as convert
+from ._api import convert as convert
+from ._api import from_torch as from_torch
+from ._api import to_torch as to_torch
 from ._files import load as load
 from ._files import save as save
 from ._inspect import summarize as summarize

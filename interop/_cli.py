@@ -13,7 +13,7 @@ import pickle
 import sys
 import warnings
 
-from . import _files, _inspect
+from . import _api, _files, _inspect
 
 
 def _table(summary: dict) -> str:
@@ -104,7 +104,7 @@ def _run(args) -> int:
         else:
             template = _template(args.template) if args.template else None
             progress = False if args.no_progress else None
-            _files.convert(args.src, args.dst, template=template, progress=progress)
+            _api.convert(args.src, args.dst, template=template, progress=progress)
             print(f"wrote {args.dst}")
     except (ValueError, TypeError, OSError, pickle.UnpicklingError, MemoryError) as e:
         message = " ".join(str(e).split()) or type(e).__name__

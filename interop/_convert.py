@@ -1,4 +1,5 @@
-"""`from_torch` / `to_torch`: pruned state_dicts <-> Flax checkpoints, bit for bit."""
+"""Pruned state_dicts <-> Flax checkpoint dicts, bit for bit: the pure conversion behind `from_torch`
+and `to_torch` (`_api`), which never reads or writes a file."""
 
 import json
 import os
@@ -56,21 +57,10 @@ def _leaf_paths(tree, path=()):
 
 
 def _state_dict_of(state_dict) -> tuple[Mapping, bool, dict | None]:
-    """(state_dict, whether its tensors must be copied, module kinds or None) from a mapping,
-    module or file path."""
+    """(state_dict, whether its tensors must be copied, module kinds or None) from a mapping or
+    module (file paths are read by the caller, `_api`: this module never touches files)."""
     if isinstance(state_dict, torch.nn.Module):
         return state_dict.state_dict(), False, module_kinds(state_dict)
-    if isinstance(state_dict, str | os.PathLike):
-        from ._files import kind, load_torch
-
-        if kind(state_dict) != "torch":
-            raise ValueError(
-                f"{os.fspath(state_dict)}: from_torch reads .pt, .pth or .safetensors files; "
-                "load Flax files with jprune.interop.load"
-            )
-        # A memory-mapped .pt is copied out of the file; safetensors tensors are already owned.
-        mmap = os.fspath(state_dict).lower().endswith((".pt", ".pth"))
-        return load_torch(state_dict, mmap=mmap), mmap, None
     if not isinstance(state_dict, Mapping):
         raise TypeError(
             "Expected a state_dict (a mapping of str to torch.Tensor), an nn.Module or a file "
@@ -92,62 +82,6 @@ def _progress(items, total_bytes: int, progress: bool | None, desc: str):
 
     # disable=None: only on a terminal, so logs and tests stay clean.
     return tqdm(items, desc=desc, unit="tensor", disable=None if progress is None else False)
-
-
-def from_torch(state_dict, template=None) -> dict:
-    """Converts a (pruned) torch state_dict to a Flax checkpoint dict.
-
-    Names and layouts: module path `a.b.c` -> nested keys `a`/`b`/`c`; a Linear weight (out, in)
-    -> `kernel` (in, out); a ConvNd weight (O, I, *spatial) -> `kernel` (*spatial, I, O); a norm
-    weight -> `scale`; BatchNorm `running_mean`/`running_var` -> `batch_stats` `mean`/`var` (the
-    table in `jprune.interop`'s docstring has them all). What decides a layout, first that applies:
-    the torch module's classes (when given an nn.Module, as `state_dict` or as `template`), a Flax
-    template (which may cover only part of the model; the rest follows the default rules), the
-    default shape rules. A layout none of them decides is refused with a message naming the
-    tensor (e.g. a 2-D weight with no bias: Linear or Embedding?). A pruned tensor that no rule
-    places (LSTM `weight_ih_l0`, `in_proj_weight` without the module, a custom parameter) keeps
-    its torch name and layout in `params`, its mask beside it: no mask is ever dropped.
-
-    The result is `{"params", "masks", "batch_stats" (only if present), "torch"}`:
-    `params` holds the `X_orig` values (or `X` where unpruned), `masks` mirrors `params` with a
-    bool array where torch has `X_mask` and None elsewhere, and `torch` holds what `to_torch`
-    needs to rebuild the state_dict exactly: `"recipe"` (a JSON string listing every torch key in
-    order with its Flax place, layout and torch dtype, mask dtypes included) and `"extra"`
-    (tensors with no Flax place, e.g. `num_batches_tracked`, kept verbatim; only if any).
-
-    Leaves are numpy arrays (bf16 and float8 via ml_dtypes, float64 kept as float64), C-contiguous;
-    leaves that need no transposition share memory with the input tensors.
-
-    Args:
-      state_dict: a state_dict (str -> Tensor), an nn.Module, or a path to a .pt/.pth/.safetensors
-        file (read with `weights_only=True`, memory-mapped).
-      template: optional Flax params (or a variables dict with `params`/`batch_stats`), e.g. from
-        `model.init`, arrays or `jax.ShapeDtypeStruct`s; or the torch nn.Module whose state_dict
-        this is (its classes decide the layouts).
-
-    Returns:
-      The checkpoint dict described above.
-
-    Raises:
-      ValueError: a mask that is not 0/1, a mask whose shape differs from its `_orig`, `_mask`
-        without `_orig`, a layout nothing decides, a template that does not match, or two torch
-        tensors that would land on one Flax leaf.
-      TypeError: `state_dict` is not a mapping of str to Tensor.
-
-    Examples:
-      >>> import torch
-      >>> from torch.nn.utils import prune
-      >>> from jprune.interop import from_torch
-      >>> lin = torch.nn.Linear(3, 2)
-      >>> _ = prune.l1_unstructured(lin, "weight", amount=2)
-      >>> ckpt = from_torch(lin.state_dict())
-      >>> ckpt["params"]["kernel"].shape, ckpt["masks"]["kernel"].dtype.name, ckpt["masks"]["bias"]
-      ((3, 2), 'bool', None)
-      >>> int((~ckpt["masks"]["kernel"]).sum())
-      2
-    """
-    state_dict, copy, kinds = _state_dict_of(state_dict)
-    return _from_torch(state_dict, template, copy=copy, progress=False, kinds=kinds)
 
 
 def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | None, kinds=None) -> dict:
@@ -363,43 +297,6 @@ def _mask_values(path: tuple[str, ...], mask, param: np.ndarray) -> np.ndarray:
             raise ValueError(f"mask at {where} is not binary (dtype {mask.dtype}); expected bool")
         mask = mask != 0
     return mask
-
-
-def to_torch(ckpt: Mapping, template=None) -> "OrderedDict[str, torch.Tensor]":
-    """Converts a Flax checkpoint dict back to a torch state_dict.
-
-    For a checkpoint made by `from_torch`, `to_torch(from_torch(sd))` reproduces `sd` exactly:
-    every key in order, shape, dtype (mask dtypes included) and bit pattern, `num_batches_tracked`
-    and unknown keys included. Masks added or removed since (e.g. by `jprune.l1_unstructured` or
-    `jprune.remove`) turn `X` into `X_orig` + `X_mask` or back. Without a recorded recipe, torch
-    names follow the Flax names (`kernel`/`scale`/`embedding` -> `weight`; `mean`/`var` ->
-    `running_mean`/`running_var`, plus `num_batches_tracked` = 0; Flax attention `query`/`key`/
-    `value`/`out` -> `in_proj_weight`/`in_proj_bias`/`out_proj.*`), masks get the parameter's
-    dtype, and `template` (a torch state_dict or module) can supply the torch names instead.
-
-    Args:
-      ckpt: `{"params", "masks" (optional), "batch_stats" (optional), "torch" (optional)}`.
-      template: optional torch state_dict or nn.Module naming the torch side.
-
-    Returns:
-      An OrderedDict of fresh CPU tensors, ready for `load_state_dict`.
-
-    Raises:
-      ValueError: a mask that is not binary or has the wrong shape, a leaf without a torch name
-        or with no known torch layout (a DenseGeneral kernel), two leaves that would become one
-        torch key or module (`m/kernel` and `m/scale`; `a.b/*` and `a/b/*`), or a template that
-        does not match.
-
-    Examples:
-      >>> import numpy as np
-      >>> from jprune.interop import to_torch
-      >>> ckpt = {"params": {"fc": {"kernel": np.ones((3, 2), np.float32)}},
-      ...         "masks": {"fc": {"kernel": np.array([[1, 0], [1, 1], [0, 1]], bool)}}}
-      >>> sd = to_torch(ckpt)
-      >>> list(sd), tuple(sd["fc.weight_orig"].shape), sd["fc.weight_mask"].tolist()
-      (['fc.weight_orig', 'fc.weight_mask'], (2, 3), [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
-    """
-    return _to_torch(ckpt, template, progress=False)
 
 
 def _to_torch(ckpt: Mapping, template, *, progress: bool | None) -> "OrderedDict":

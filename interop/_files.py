@@ -755,6 +755,14 @@ def _destination(path) -> str:
     return os.path.abspath(path.rstrip("/"))
 
 
+def check_destination(path) -> str:
+    """The format a save to ``path`` writes, after refusing a destination it may not replace."""
+    path = _destination(path)
+    fmt = _format(path)
+    _check_destination(path, fmt)
+    return fmt
+
+
 def save(obj, path) -> None:
     """Writes a torch state_dict or a Flax checkpoint dict, in the format the extension names.
 
@@ -806,53 +814,3 @@ def save(obj, path) -> None:
     _clean_orphans(path)
     with _atomic(path, directory=fmt == "orbax") as tmp:
         write(obj, tmp)
-
-
-def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
-    """Converts a checkpoint file between torch and Flax formats; direction by extension.
-
-    Reads all of `src` and converts it in memory before anything is written, then writes `dst`
-    atomically (see `save`), so bad input leaves no output and an existing `dst` that is not a
-    checkpoint of its format is refused untouched. torch -> torch and Flax -> Flax re-encode
-    (e.g. .pt -> .safetensors, .msgpack -> orbax).
-
-    Args:
-      src: the input file or orbax directory.
-      dst: the output path.
-      template: optional template passed on to `from_torch` (Flax params) or `to_torch` (a torch
-        state_dict or module).
-      progress: show a progress bar; None shows one for large checkpoints on a terminal.
-
-    Raises:
-      FileNotFoundError: `src` does not exist.
-      ValueError: unknown extensions, malformed input, a `dst` that is not a checkpoint of its
-        format, or anything `from_torch`/`to_torch` refuse (prefixed with `src`).
-      pickle.UnpicklingError: a .pt/.pth pickle that is not plain tensors.
-      OSError: writing `dst` failed; nothing was changed.
-
-    Examples:
-      >>> import os, tempfile, torch
-      >>> from jprune.interop import convert, load, save
-      >>> d = tempfile.mkdtemp()
-      >>> save({"fc.weight": torch.ones(2, 3), "fc.bias": torch.zeros(2)}, f"{d}/m.pt")
-      >>> convert(f"{d}/m.pt", f"{d}/m.msgpack")
-      >>> load(f"{d}/m.msgpack")["params"]["fc"]["kernel"].shape
-      (3, 2)
-    """
-    src, dst = os.fspath(src), os.fspath(dst)
-    src_kind = kind(src)
-    dst_fmt = _format(_destination(dst))
-    _check_destination(_destination(dst), dst_fmt)  # refuse before the (long) read
-    if src_kind == "torch":
-        mmap = _format(src) == "pt"
-        obj = load_torch(src, mmap=mmap)
-    else:
-        obj = load(src)
-    try:
-        if src_kind == "torch" and dst_fmt in ("msgpack", "orbax"):
-            obj = _convert._from_torch(obj, template, copy=mmap, progress=progress)
-        elif src_kind == "flax" and dst_fmt in ("pt", "safetensors"):
-            obj = _convert._to_torch(obj, template, progress=progress)
-    except ValueError as e:
-        raise ValueError(f"{src}: {e}") from e
-    save(obj, dst)
