@@ -142,14 +142,32 @@ def _bitlen(x):
 
 
 def _fraction_words(a):
-    """A traced fraction as words ``(m_hi, m_lo, s, p)``: ``a == (m_hi * 2**32 + m_lo) / 2**s``,
-    its product to be rounded to ``p = 53`` bits (a double, as Python's ``round(a * n)``)."""
-    a = jnp.clip(jnp.asarray(a).astype(jnp.float32), 0.0, 1.0)
+    """A traced fraction as words ``(m_hi, m_lo, s, p)``: ``a == (m_hi * 2**32 + m_lo) / 2**s``
+    exactly (float64 kept as float64, narrower floats through float32), its product to be rounded
+    to ``p = 53`` bits (a double, as Python's ``round(a * n)``)."""
+    a = jnp.asarray(a)
+    wide = a.dtype.itemsize > 4  # float64, with jax_enable_x64
+    a = a if wide else a.astype(jnp.float32)
+    a = jnp.clip(a, 0.0, 1.0)
     a = jnp.where(jnp.isnan(a), 0.0, a)  # a NaN fraction prunes nothing
+    if wide:
+        bits = jax.lax.bitcast_convert_type(a, jnp.uint64)
+        exp = ((bits >> 52) & 0x7FF).astype(jnp.int32)
+        m = bits & (2**52 - 1)
+        m = jnp.where(exp == 0, m, m | 2**52)
+        m_hi, m_lo = (m >> 32).astype(_U), (m & 0xFFFFFFFF).astype(_U)
+        return m_hi, m_lo, 1075 - jnp.maximum(exp, 1), jnp.int32(53)
     bits = jax.lax.bitcast_convert_type(a, _U)
     exp = ((bits >> 23) & 0xFF).astype(jnp.int32)
     m = jnp.where(exp == 0, bits & 0x7FFFFF, (bits & 0x7FFFFF) | 0x800000)
     return _U(0), m, 150 - jnp.maximum(exp, 1), jnp.int32(53)
+
+
+def _round_to_bits(n, prec):
+    """``n`` (uint32) rounded half to even to ``prec`` significant bits, as numpy rounds an int
+    into a float32 (24) or float16 (11) before multiplying."""
+    r = jnp.maximum(_bitlen(n) - prec, 0)
+    return _round_shift([n], r)[0] << r.astype(_U)
 
 
 def count_traced(amount, n):
@@ -165,12 +183,15 @@ def count_traced(amount, n):
     n = jnp.asarray(n, jnp.int32)
     if not isinstance(amount, tuple):
         amount = jnp.asarray(amount)
-        if not jnp.issubdtype(amount.dtype, jnp.floating):
+        if not jnp.issubdtype(amount.dtype, jnp.floating):  # clipped in its own dtype: no wrap
+            hi = min(int(jnp.iinfo(amount.dtype).max), MAX_COUNT)
+            amount = jnp.clip(amount, jnp.array(0, amount.dtype), jnp.array(hi, amount.dtype))
             return jnp.clip(amount.astype(jnp.int32), 0, n)
         amount = _fraction_words(amount)
     m_hi, m_lo, s, prec = (jnp.asarray(x) for x in amount)
-    a_hi, a_lo = _mul_u32(m_lo.astype(_U), n.astype(_U))
-    b_hi, b_lo = _mul_u32(m_hi.astype(_U), n.astype(_U))
+    nf = _round_to_bits(n.astype(_U), prec)  # n as the amount's type holds it (exact for a double)
+    a_hi, a_lo = _mul_u32(m_lo.astype(_U), nf)
+    b_hi, b_lo = _mul_u32(m_hi.astype(_U), nf)
     p1 = a_hi + b_lo
     p = [a_lo, p1, b_hi + (p1 < a_hi).astype(_U)]  # m * n, below 2**85
     length = jnp.where(p[2] > 0, 64 + _bitlen(p[2]), jnp.where(p[1] > 0, 32 + _bitlen(p[1]), _bitlen(p[0])))
@@ -178,6 +199,9 @@ def count_traced(amount, n):
     q = _round_shift(p, r)  # the product in the amount's precision: p significant bits, times 2**(r - s)
     k = _round_shift(q, jnp.clip(s - r, 0, 95))[0]
     k = jnp.where(s - r > 95, _U(0), k)
+    # A product of 2**p or more (float32: counts above 2**24) has no fraction bits left: q is an
+    # integer times 2**(r - s).
+    k = jnp.where(s < r, q[0] << jnp.clip(r - s, 0, 31).astype(_U), k)
     return jnp.clip(k.astype(jnp.int32), 0, n)
 
 
@@ -211,9 +235,9 @@ def as_device_amount(amount, max_n: int = MAX_COUNT):
     a = float(amount)
     if math.isnan(a):
         raise ValueError("cannot convert float NaN to integer")
-    if type(amount) is np.float16 and a * max_n >= 65520:  # the float16 product would be inf
+    if type(amount) is np.float16 and max(a, 1.0) * max_n >= 65504:  # n or the product: inf
         raise OverflowError(
-            f"amount=np.float16({a}) times up to {max_n} entries overflows float16 (torch's "
+            f"amount=np.float16({a}) times up to {max_n} entries may overflow float16 (torch's "
             "round(amount * n) raises OverflowError there); pass a float"
         )
     if a == 0.0:

@@ -22,6 +22,7 @@ import torch.nn.utils.prune as tprune
 from conftest import JITS, pruned_count, tie_free, torch_mask, torch_module
 
 import jprune as jp
+from jprune import _amount
 
 # --------------------------------------------------------------------------------------------------
 # torch references
@@ -240,6 +241,38 @@ def test_numpy_amounts_under_jit_round_in_their_own_arithmetic(amount, n):
         jnp.asarray(x), jnp.ones(x.shape, bool)
     )
     np.testing.assert_array_equal(np.asarray(got), torch_mask(mod, "x"))
+
+
+@pytest.mark.parametrize("kind", [np.float32, np.float16, np.float64, float])
+def test_device_counts_match_torch_for_large_counts(kind):
+    """numpy rounds n into the amount's type before multiplying (float32 above 2**24, float16
+    above 2048): the device count does too. The reference is torch's own count."""
+    rng = np.random.default_rng(7)
+    top = 65503 if kind is np.float16 else 2**31 - 1
+    ns = np.concatenate(
+        [rng.integers(2**11, top, 150), rng.integers(0, 2**11, 30), [top, 2**24 + 1, 2**24 + 3]]
+    )
+    ns = ns[ns <= top]
+    amounts = [kind(a) for a in rng.uniform(0, 1, ns.size)]
+    for a, n in zip(amounts, ns.tolist()):
+        if kind is np.float16 and float(a) * n >= 65504:
+            continue
+        # traced=True: the count of a remaining n known only on the device (one compiled program)
+        (k,) = _amount.counts(a, [jnp.int32(n)], [top], where=[""], traced=True)
+        assert int(k) == tprune._compute_nparams_toprune(a, n), (a, n)
+
+
+def test_traced_amounts_float64_and_wide_integers():
+    """A traced float64 amount (jax_enable_x64) keeps its 53 bits; a traced integer amount is
+    clipped in its own dtype (no wrap to a small count)."""
+    w = jnp.asarray(tie_free(np.random.default_rng(8), (5,)))
+    f = jax.jit(lambda w, a: jp.l1_unstructured(w, a))
+    with jax.enable_x64(True):
+        assert pruned_count(f(w, jnp.float64(0.1))) == torch_pruned(np.asarray(w), 0.1) == 0  # 0.5 -> 0
+        assert pruned_count(f(w, jnp.float64(0.3))) == torch_pruned(np.asarray(w), 0.3) == 2  # 1.5 -> 2
+        assert pruned_count(f(w, jnp.int64(2**32 + 3))) == 5  # clipped to n, not wrapped to 3
+    assert pruned_count(f(w, jnp.uint32(2**32 - 1))) == 5  # clipped, not wrapped to -1 -> 0
+    assert pruned_count(f(w, jnp.int8(-5))) == 0
 
 
 def test_float16_amount_that_could_overflow_is_refused_under_jit():
