@@ -52,8 +52,9 @@ def magnitude_keys(x):
     """Unsigned keys ordering ``|x|`` exactly as torch ranks it (NaN above +inf), for every real dtype.
 
     Floats up to 32 bits: the bits of ``|x|`` as float32 (bf16 and f16 convert exactly, so their keys
-    are comparable with float32 keys); float64: the bits of ``|x|`` as uint64; integers: the
-    magnitude (``|INT_MIN|`` included) widened to uint32 or uint64; bool: 0 or 1.
+    are comparable with float32 keys); float64: the bits of ``|x|`` as uint64; unsigned integers
+    and bool: the value; signed integers: ``|x| + 1``, and 0 for the most negative value, whose
+    ``abs`` wraps to itself in torch and so ranks below every other magnitude.
     """
     dtype = jnp.dtype(x.dtype)
     out = key_dtype(dtype)
@@ -65,7 +66,8 @@ def magnitude_keys(x):
         return lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), out)
     if jnp.issubdtype(dtype, jnp.signedinteger):
         u = x.astype(jnp.dtype(f"uint{8 * dtype.itemsize}"))  # two's complement bits
-        return jnp.where(x < 0, -u, u).astype(out)  # -u wraps: |INT_MIN| is exact
+        magnitude = jnp.where(x < 0, -u, u).astype(out)  # below 2**(bits - 1) but for INT_MIN
+        return jnp.where(x == jnp.iinfo(dtype).min, jnp.zeros_like(magnitude), magnitude + 1)
     if jnp.issubdtype(dtype, jnp.unsignedinteger):
         return x.astype(out)
     raise TypeError(f"cannot rank scores of dtype {dtype} by magnitude; expected a real dtype")

@@ -24,12 +24,6 @@ def l1_keys(value, mask, score):
     return _select.magnitude_keys(value if score is None else score), mask
 
 
-def l1_keys_wide(value, mask, score):
-    """``l1_keys`` widened to uint64, to share a group with 64-bit integer scores."""
-    keys, cand = l1_keys(value, mask, score)
-    return keys.astype(jnp.uint64), cand
-
-
 def candidate_keys(keys, mask):
     """Random keys; the candidates are the unpruned entries."""
     return keys, mask
@@ -78,28 +72,38 @@ def l1_sources(tree: Tree, idx, *, joint: bool):
     """The L1 sources of the selected leaves, and the width of their keys.
 
     A global ranking compares every leaf on one scale, as torch's ``torch.cat`` of the scores does:
-    with any floating scores, all are ranked in the promoted dtype (float64 ranks in float64, ints
-    beside float32 are rounded to float32); integer scores alone compare exactly (keys widened).
-    Floats of up to 32 bits need no cast: their keys are already float32 keys.
+    all are ranked in the promoted dtype (float64 ranks in float64, ints beside float32 are rounded
+    to float32, int8 beside int32 ranks as int32). Floats of up to 32 bits need no cast: their keys
+    are already float32 keys.
+
+    Raises:
+      TypeError: integer scores whose promoted dtype JAX cannot hold (int32 with uint32 without
+        ``jax_enable_x64``; uint64 with a signed dtype).
     """
     _real_scores(tree, idx)
     args = [(tree.values[i], tree.masks[i], tree.scores[i]) for i in idx]
     dtypes = [jnp.result_type(v if s is None else s) for v, _, s in args]
     if not joint:
         return [(l1_keys, a) for a in args], [_select.key_bits(d) for d in dtypes]
-    if any(jnp.issubdtype(d, jnp.floating) for d in dtypes):
-        common = functools.reduce(jnp.promote_types, dtypes)
-        bits = _select.key_bits(common)
-        cast = [
-            (v, m, s)
-            if jnp.issubdtype(d, jnp.floating) and _select.key_bits(d) == bits
-            else (v, m, (v if s is None else s).astype(common))
-            for (v, m, s), d in zip(args, dtypes)
-        ]
-        return [(l1_keys, a) for a in cast], [bits] * len(args)
-    bits = max(_select.key_bits(d) for d in dtypes)
-    fns = [l1_keys if _select.key_bits(d) == bits else l1_keys_wide for d in dtypes]
-    return list(zip(fns, args)), [bits] * len(args)
+    floating = any(jnp.issubdtype(d, jnp.floating) for d in dtypes)
+    # numpy's integer promotion is torch's (int32 with uint32 -> int64); JAX's narrows without x64
+    common = functools.reduce(jnp.promote_types if floating else np.promote_types, dtypes)
+    if not floating and not (
+        (common == np.bool_ or jnp.issubdtype(common, jnp.integer))
+        and jax.dtypes.canonicalize_dtype(common) == common
+    ):
+        raise TypeError(
+            f"cannot rank integer scores of dtypes {sorted({str(d) for d in dtypes})} together: "
+            f"their common dtype {common} is not available (jax_enable_x64 off?); cast them first"
+        )
+    bits = _select.key_bits(common)
+    cast = [
+        (v, m, s)
+        if d == common or (floating and jnp.issubdtype(d, jnp.floating) and _select.key_bits(d) == bits)
+        else (v, m, (v if s is None else s).astype(common))
+        for (v, m, s), d in zip(args, dtypes)
+    ]
+    return [(l1_keys, a) for a in cast], [bits] * len(args)
 
 
 def run(tree: Tree, idx, amount, *, kind: str, joint: bool, key=None, method: str = "auto"):

@@ -127,11 +127,40 @@ def test_global_int_scores_beside_float_round_like_torch():
     assert sorted([bool(want["a"][0, 0]), bool(want["b"][0, 0])]) == [False, True]
 
 
-def test_integer_magnitudes_are_exact_in_every_width():
-    """int32's most negative value has the largest magnitude; uint32's largest value is a real key."""
-    w = jnp.array([-(2**31), 3, -2, 2**31 - 1], jnp.int32)
-    assert np.flatnonzero(~np.asarray(jp.l1_unstructured(w, 2))).tolist() == [1, 2]
-    assert np.flatnonzero(~np.asarray(jp.l1_unstructured(w, 3))).tolist() == [1, 2, 3]
+def torch_l1_scores(scores: np.ndarray, amount) -> np.ndarray:
+    """torch's l1_unstructured mask for integer importance scores (on float params)."""
+    mod = torch_module({"w": np.ones(scores.shape, np.float32)})
+    tprune.l1_unstructured(mod, "w", amount, importance_scores=torch.tensor(scores))
+    return torch_mask(mod, "w")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32"])
+def test_integer_scores_rank_as_torch_does(dtype):
+    """torch's abs wraps the most negative integer to itself, so it ranks below every magnitude."""
+    lo = np.iinfo(dtype).min
+    scores = np.array([lo, 3, -2, -lo - 1, 0, 7], dtype)
+    for k in range(7):
+        got = jp.l1_unstructured(jnp.ones(6), k, importance_scores=jnp.asarray(scores))
+        np.testing.assert_array_equal(np.asarray(got), torch_l1_scores(scores, k))
+    # globally, int8 beside int32 is promoted first: -128 is then an ordinary magnitude
+    params = {"a": np.ones((1, 4), np.float32), "b": np.ones((1, 3), np.float32)}
+    scores = {"a": np.array([[-128, 5, 1, 127]], np.int8), "b": np.array([[-(2**31), 100, 2]], np.int32)}
+    got = flat(jp.global_unstructured(nested(params), 3, importance_scores=nested(scores)))
+    assert_masks(got, torch_global(params, 3, scores))
+
+
+def test_integer_scores_without_a_common_dtype_are_refused():
+    """int32 with uint32 promotes to int64 (torch, numpy): without x64 JAX has no such dtype."""
+    params = nested({"a": np.ones((2, 2), np.float32), "b": np.ones((2, 2), np.float32)})
+    scores = nested(
+        {"a": np.array([[1, -2], [3, 4]], np.int32), "b": np.array([[2**32 - 1, 0], [5, 6]], np.uint32)}
+    )
+    with pytest.raises(TypeError, match="cannot rank integer scores"):
+        jp.global_unstructured(params, 2, importance_scores=scores)
+    with jax.enable_x64(True):
+        got = jp.global_unstructured(params, 2, importance_scores=jax.tree.map(jnp.asarray, scores))
+        assert np.flatnonzero(~np.asarray(got["a"]["kernel"]).ravel()).tolist() == [0]  # |1|
+        assert np.flatnonzero(~np.asarray(got["b"]["kernel"]).ravel()).tolist() == [1]  # 0
 
 
 # --------------------------------------------------------------------------------------------------
