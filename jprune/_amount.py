@@ -282,8 +282,8 @@ def counts(amount, live, sizes, *, where, traced: bool) -> list:
     for n, w in zip(jax.device_get(list(live)), where):
         try:
             ks.append(count(amount, int(n)))
-        except ValueError as e:
-            raise ValueError(f"{w}{e}") from None
+        except (ValueError, OverflowError) as e:
+            raise type(e)(f"{w}{e}") from None
     return ks
 
 

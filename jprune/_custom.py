@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._structured import channel_mask, normalize_axis
-from ._tree import ShapeError, Tree, effective, is_tracer
+from ._tree import ShapeError, Tree, as_array, effective, is_array, is_tracer
 
 KINDS = ("unstructured", "structured", "global")
 
@@ -62,6 +62,9 @@ def custom_from_mask(params, mask, *, masks=None):
     for i, (path, v, m) in enumerate(zip(tree.paths, tree.values, given)):
         if m is None:
             continue
+        if not is_array(v):
+            raise TypeError(f"mask at {path!r}: the leaf is a {type(v).__name__}, not an array")
+        v = as_array(path, v)
         if jnp.shape(m) != v.shape:
             raise ShapeError(
                 f"mask at {path!r}: default_mask shape {v.shape} must match mask shape {jnp.shape(m)}"

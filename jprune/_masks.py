@@ -137,6 +137,6 @@ def sparsity(masks, params=None) -> SparsityReport:
         items = [(path_str(p), m, np.size(m)) for p, m in flat if m is not None]
     else:
         tree = Tree(params, masks)
-        items = [(p, m, v.size) for p, v, m in zip(tree.paths, tree.values, tree.masks) if is_array(v)]
+        items = [(p, m, np.size(v)) for p, v, m in zip(tree.paths, tree.values, tree.masks) if is_array(v)]
     counts = jax.device_get([np.size(m) - m.sum() if m is not None else 0 for _, m, _ in items])
     return SparsityReport(tuple(Row(p, int(np.asarray(c)), int(n)) for (p, _, n), c in zip(items, counts)))

@@ -71,7 +71,8 @@ class Tree:
     """A params pytree flattened to leaves, with the masks and scores aligned to it.
 
     ``masks`` and ``importance_scores`` mirror ``params``; ``None`` marks a leaf without one. Leaves
-    that are not arrays (strings, functions) are carried along untouched and never selected.
+    that are not arrays (strings, functions) are carried along untouched and never selected. Only
+    the leaves a call uses (masked or selected) become JAX arrays; the others are left as given.
 
     Raises:
       ValueError: two leaves have the same path string (``{"a/b": x, "a": {"b": y}}``): a path
@@ -87,8 +88,10 @@ class Tree:
                 f"params has several leaves at the path(s) {twice} (a key containing '/' collides "
                 "with a nested key): rename the keys so that every leaf has its own path"
             )
-        self.values = [as_array(path, v) for path, (_, v) in zip(self.paths, flat)]
         self.masks = self.align(masks, "masks")
+        self.values = [
+            v if m is None else as_array(p, v) for p, (_, v), m in zip(self.paths, flat, self.masks)
+        ]
         self.scores = [
             None if s is None else as_array(f"{scores_name} at {path!r}", s)
             for path, s in zip(self.paths, self.align(scores, scores_name))
@@ -98,8 +101,8 @@ class Tree:
                 continue
             if not is_array(v):
                 raise TypeError(f"mask at {path!r}: the leaf is a {type(v).__name__}, not an array")
-            if jnp.shape(m) != v.shape:
-                raise ShapeError(f"mask at {path!r} has shape {jnp.shape(m)}, expected {v.shape}")
+            if jnp.shape(m) != jnp.shape(v):
+                raise ShapeError(f"mask at {path!r} has shape {jnp.shape(m)}, expected {jnp.shape(v)}")
             if jnp.result_type(m) != jnp.bool_:
                 raise TypeError(f"mask at {path!r} has dtype {jnp.result_type(m)}, expected bool")
         for path, v, s in zip(self.paths, self.values, self.scores):
@@ -112,7 +115,7 @@ class Tree:
     def align(self, tree, name):
         """The leaves of ``tree`` (a pytree like params, None allowed) in params order."""
         if tree is None:
-            return [None] * len(self.values)
+            return [None] * len(self.paths)
         try:
             return self.treedef.flatten_up_to(tree)
         except (ValueError, TypeError) as e:
@@ -151,6 +154,7 @@ class Tree:
                 raise TypeError(
                     f"{what} selects {self.paths[i]!r}, a {type(self.values[i]).__name__}, not an array"
                 )
+            self.values[i] = as_array(self.paths[i], self.values[i])
         return idx
 
     def where(self, i: int) -> str:
@@ -173,4 +177,9 @@ def effective(value, mask):
     Written as a select of ``value`` and ``value * 0`` because XLA rewrites ``value * mask`` into
     ``select(mask, value, 0)`` under jit, losing what the product gives (NaN stays NaN, -x -> -0.0).
     """
-    return value if mask is None else jnp.where(mask, value, value * 0)
+    if mask is None:
+        return value
+    # value * 0 keeps a float's sign and NaN (torch's product); other dtypes have no such zero, and
+    # bool * 0 would promote to int
+    zero = value * 0 if jnp.issubdtype(jnp.result_type(value), jnp.inexact) else jnp.zeros_like(value)
+    return jnp.where(mask, value, zero)

@@ -542,3 +542,21 @@ def test_keep_pruned_works_under_tree_map_params():
     assert mu["d"]["kernel"].dtype == jnp.bfloat16 and mu["d"]["bias"].dtype == jnp.bfloat16
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     assert np.asarray(optax.apply_updates(params, updates)["d"]["kernel"])[:, 1].tolist() == [0.0] * 3
+
+
+def test_leaves_a_call_does_not_use_are_left_as_they_are():
+    """Only masked or selected leaves become JAX arrays: a step counter too big for int32, a
+    float64 numpy leaf without x64, a string: none of them stops a call that does not touch them."""
+    params = {"d": {"kernel": jnp.ones((2, 3))}, "step": 2**40, "ema": np.zeros(3), "name": "x"}
+    masks = jp.l1_unstructured(params, 2)
+    out = jp.apply_masks(params, masks)
+    assert out["step"] == 2**40 and out["ema"] is params["ema"] and out["name"] == "x"
+    assert jp.sparsity(masks, params).pruned == 2
+    with pytest.raises(TypeError, match="not an array"):
+        jp.custom_from_mask(params, {"d": {"kernel": None}, "step": None, "ema": None, "name": np.ones(1)})
+
+
+def test_bool_leaves_stay_bool_when_masks_apply():
+    b = jnp.array([True, False, True, True])
+    out = jp.apply_masks(b, jp.l1_unstructured(b, 2))
+    assert out.dtype == jnp.bool_ and out.tolist() == [False, False, True, True]
