@@ -123,14 +123,52 @@ def load_pruned_state_dict(
     """
     try:
         rehearsal = _meta_copy(module)
-    except Exception:  # a module deepcopy cannot copy: load for real, without the rehearsal
+    except Exception:  # a module deepcopy cannot copy: load for real, undone if it fails
         rehearsal = None
-    if rehearsal is not None:
-        meta_sd = _with_metadata({k: v.detach().to("meta") for k, v in state_dict.items()}, state_dict)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*a meta parameter in the current model")
-            _load(rehearsal, meta_sd, strict, reparametrize)  # raises here, before any change
+    if rehearsal is None:
+        saved = _snapshot(module)
+        try:
+            return _load(module, state_dict, strict, reparametrize)
+        except BaseException:
+            _restore(saved)
+            raise
+    meta_sd = _with_metadata({k: v.detach().to("meta") for k, v in state_dict.items()}, state_dict)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*a meta parameter in the current model")
+        _load(rehearsal, meta_sd, strict, reparametrize)  # raises here, before any change
     return _load(module, state_dict, strict, reparametrize)
+
+
+def _snapshot(module: torch.nn.Module) -> list:
+    """What a load can change, per submodule: its attributes (dicts copied: parameters, buffers,
+    hooks) and the data of its tensors (load_state_dict copies into them in place)."""
+    saved = []
+    for sub in module.modules():
+        attrs = {k: v.copy() if isinstance(v, dict) else v for k, v in vars(sub).items()}
+        tensors = [
+            (t, t.detach().clone())
+            for t in [*sub._parameters.values(), *sub._buffers.values()]
+            if t is not None
+        ]
+        saved.append((sub, attrs, tensors))
+    return saved
+
+
+def _restore(saved: list) -> None:
+    """Puts back what `_snapshot` saw; dicts are refilled in place (hook handles refer to them)."""
+    for sub, attrs, tensors in saved:
+        now = vars(sub)
+        for k in [k for k in now if k not in attrs]:
+            del now[k]
+        for k, v in attrs.items():
+            if isinstance(v, dict) and isinstance(now.get(k), dict):
+                now[k].clear()
+                now[k].update(v)
+            else:
+                now[k] = v
+        with torch.no_grad():
+            for t, data in tensors:
+                t.copy_(data)
 
 
 def _with_metadata(items: Mapping, state_dict: Mapping) -> OrderedDict:
