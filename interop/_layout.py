@@ -217,15 +217,33 @@ _RESOLVE = (
 )
 
 
-def _clues(modules: dict[str, dict[str, "_Attr"]]) -> dict[int, str]:
-    """Keys showing that this state_dict stores some layers transposed: a weight whose bias runs
-    along its second axis, not its first (2: GPT-2 Conv1D, 3: ConvTranspose)."""
-    clues: dict[int, str] = {}
+def _norm_after(modules: dict[str, dict[str, "_Attr"]]) -> dict[str, int]:
+    """For each bias-less 3-D to 5-D weight, the feature count of the norm layer right after it
+    in state_dict order (a conv's BatchNorm has its output channels: dim 0 for a Conv, dim 1 for
+    a ConvTranspose)."""
+    out, items = {}, list(modules.values())
+    for attrs, nxt in zip(items, items[1:]):
+        w = attrs.get("weight")
+        if w is None or "bias" in attrs or not 3 <= len(w.shape) <= 5:
+            continue
+        norm = nxt.get("running_mean") or nxt.get("weight")
+        if norm is not None and len(norm.shape) == 1 and ("running_mean" in nxt or "bias" in nxt):
+            out[w.key] = norm.shape[0]
+    return out
+
+
+def _clues(modules: dict[str, dict[str, "_Attr"]]) -> dict:
+    """Keys showing that this state_dict stores some layers transposed: a weight whose bias (or,
+    without a bias, the norm after it) runs along its second axis, not its first (2: GPT-2
+    Conv1D, 3: ConvTranspose); and under "after", the `_norm_after` feature counts."""
+    after = _norm_after(modules)
+    clues: dict = {"after": after}
     for attrs in modules.values():
         w, b = attrs.get("weight"), attrs.get("bias")
-        if w is None or b is None or len(w.shape) < 2 or w.shape[0] == w.shape[1]:
+        if w is None or len(w.shape) < 2 or w.shape[0] == w.shape[1]:
             continue
-        if b.shape == w.shape[1:2]:
+        features = b.shape[0] if b is not None and len(b.shape) == 1 else after.get(w.key)
+        if features == w.shape[1]:
             clues.setdefault(min(len(w.shape), 3), w.key)
     return clues
 
@@ -256,7 +274,7 @@ def _either_way(w: "_Attr", clues: dict[int, str]) -> ValueError:
     what = ("a Linear", "GPT-2 Conv1D") if nd == 2 else ("a Conv", "ConvTranspose")
     return ValueError(
         f"'{w.key}' of shape {w.shape} may be {what[0]} or {what[1]}: this state_dict has "
-        f"{what[1]} weights (e.g. '{clues[min(nd, 3)]}', whose bias runs along the second axis), "
+        f"{what[1]} weights (e.g. '{clues[min(nd, 3)]}', whose bias or norm runs along the second axis), "
         "stored transposed, and this one's shape fits both, in torch and in a Flax template; "
         "pass the torch model, whose classes decide: from_torch(model) or "
         "from_torch(state_dict, template=model)"
@@ -291,6 +309,8 @@ def _default_weight(w: "_Attr", b: "_Attr | None", kind: str | None, clues) -> t
     square = w.shape[0] == w.shape[1]
     if b is not None and not square and b.shape == w.shape[1:2]:
         return "kernel", layouts[1]  # bias along the second axis: Conv1D or ConvTranspose
+    if b is None and not square and clues.get("after", {}).get(w.key) == w.shape[1]:
+        return "kernel", layouts[1]  # the norm after it has dim 1's size: a ConvTranspose
     if min(nd, 3) in clues and (square or b is None):
         raise _either_way(w, clues)
     return "kernel", layouts[0]

@@ -7,6 +7,7 @@ Torch answers every question here; nothing is hard-coded.
 """
 
 import dataclasses
+import json
 import os
 import re
 import threading
@@ -524,3 +525,25 @@ def test_malformed_recipe_is_named(recipe, match):
     ckpt = {"params": {"w": np.ones(2, np.float32)}, "torch": {"recipe": recipe}}
     with pytest.raises(ValueError, match=r"ckpt\['torch'\]\['recipe'\].*" + match):
         to_torch(ckpt)
+
+
+def test_bias_less_conv_transpose_is_read_by_the_norm_after_it():
+    """A DCGAN generator's bias-less ConvTranspose layers, each followed by a BatchNorm of its
+    output channels (dim 1): read as ConvTranspose from the state_dict alone (before: as Conv).
+    Its last layer has no norm after it, so its shape fits both: refused, naming it."""
+    gen = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(10, 6, 4, bias=False),
+        torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(6, 4, 4, 2, 1, bias=False),
+        torch.nn.BatchNorm2d(4),
+    )
+    by_model = from_torch(gen)
+    by_shapes = from_torch(gen.state_dict())
+    for a, b in zip(jax.tree.leaves(by_model["params"]), jax.tree.leaves(by_shapes["params"])):
+        np.testing.assert_array_equal(a, b)
+    assert json.loads(by_shapes["torch"]["recipe"]) == json.loads(by_model["torch"]["recipe"])
+    gen.append(torch.nn.ConvTranspose2d(4, 3, 4, 2, 1, bias=False))  # no norm after it
+    with pytest.raises(ValueError, match=r"'5\.weight' .* may be a Conv or ConvTranspose"):
+        from_torch(gen.state_dict())
+    assert from_torch(gen)["params"]["5"]["kernel"].shape == (4, 4, 4, 3)
