@@ -307,7 +307,7 @@ def _to_torch(ckpt: Mapping, template, *, progress: bool | None) -> "OrderedDict
     entries = _adapt(entries, masks)
     _check_covered(entries, ckpt)
     out = OrderedDict()
-    total = sum(np.asarray(v).nbytes for _, v in _leaf_paths(ckpt["params"]))
+    total = sum(getattr(v, "nbytes", 0) for _, v in _leaf_paths(ckpt["params"]))  # no device copy
     for key, target, layout, dtype in _progress(entries, total, progress, "flax -> torch"):
         coll = target[0]
         if coll == "extra":

@@ -267,12 +267,11 @@ def counts(amount, live, sizes, *, where, traced: bool) -> list:
         the message starting with the group's path.
     """
     amount = validate(amount)
-    if traced or is_traced(amount):
+    if is_traced(amount):
+        return [_count_traced(amount, n) for n in live]
+    if traced:
         out = []
         for n, size, w in zip(live, sizes, where):
-            if is_traced(amount):
-                out.append(_count_traced(amount, n))
-                continue
             try:
                 out.append(_count_traced(as_device_amount(amount, size), n))
             except (ValueError, OverflowError) as e:

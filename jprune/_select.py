@@ -73,11 +73,6 @@ def magnitude_keys(x):
     raise TypeError(f"cannot rank scores of dtype {dtype} by magnitude; expected a real dtype")
 
 
-def abs_keys(x):
-    """uint32 keys ordering ``|x|`` for floats up to 32 bits (see ``magnitude_keys``)."""
-    return magnitude_keys(x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize > 4 else x)
-
-
 def given(keys, candidates=None):
     """The key function of keys that are already computed (with optional candidates)."""
     return keys, candidates
@@ -93,7 +88,7 @@ def use_histogram(total: int, method: str = "auto") -> bool:
 
 
 def check_group_size(total: int, where: str = "") -> None:
-    """Refuse a selection group of ``MAX_GROUP`` entries or more (its int32 counts would wrap)."""
+    """Refuse a selection group of more than ``MAX_GROUP`` entries (its int32 counts would wrap)."""
     if total > MAX_GROUP:
         raise ValueError(
             f"{where}cannot select among {total} entries at once: at most {MAX_GROUP} (2**31 - 1) "

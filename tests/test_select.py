@@ -134,7 +134,7 @@ def test_hist_and_sort_agree_on_a_large_input():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 300)).astype(np.float32)
     x[::7, ::3] = 0.5  # plenty of ties
-    keys = _select.abs_keys(jnp.asarray(x))
+    keys = _select.magnitude_keys(jnp.asarray(x))
     assert _select.use_histogram(x.size) == (jax.default_backend() == "cpu")
     for k in (1, 12345, 45000, 89999):
         a = run([keys], k, "hist")[0]
@@ -143,10 +143,10 @@ def test_hist_and_sort_agree_on_a_large_input():
         np.testing.assert_array_equal(a, reference([np.asarray(keys)], k)[0])
 
 
-def test_abs_keys_order_like_torch():
+def test_magnitude_keys_order_like_torch():
     """|x| order: +0 == -0 < subnormals < normals < inf < NaN (torch.topk ranks NaN above inf)."""
     x = np.array([np.nan, np.inf, -np.inf, 1.0, -1e-45, 0.0, -0.0, 3.0, -2.5, 1e-38], np.float32)
-    keys = np.asarray(_select.abs_keys(jnp.asarray(x)))
+    keys = np.asarray(_select.magnitude_keys(jnp.asarray(x)))
     assert keys[5] == keys[6]  # +0 and -0
     assert keys[1] == keys[2]  # +inf and -inf
     order = np.argsort(keys, kind="stable")
@@ -155,16 +155,16 @@ def test_abs_keys_order_like_torch():
     # tie-free part agrees with torch.topk(largest=False) order
     t = torch.tensor(x[[0, 1, 3, 4, 5, 7, 8, 9]]).abs()
     want = torch.topk(t, t.numel(), largest=False).indices.tolist()
-    got = np.argsort(np.asarray(_select.abs_keys(jnp.asarray(t.numpy()))), kind="stable").tolist()
+    got = np.argsort(np.asarray(_select.magnitude_keys(jnp.asarray(t.numpy()))), kind="stable").tolist()
     assert got == want
 
 
-def test_abs_keys_bf16_and_f16_ties():
+def test_magnitude_keys_bf16_and_f16_ties():
     """Low precision creates ties fp32 would not have (§3.1): bf16 [1, 1.001, 1.002, 1.003] tie."""
     x = jnp.asarray([1.0, 1.001, 1.002, 1.003], jnp.bfloat16)
-    assert len(set(np.asarray(_select.abs_keys(x)).tolist())) == 1
+    assert len(set(np.asarray(_select.magnitude_keys(x)).tolist())) == 1
     y = jnp.asarray([1.0, 1.001, 1.002, 1.003], jnp.float16)
-    assert len(set(np.asarray(_select.abs_keys(y)).tolist())) == 4
+    assert len(set(np.asarray(_select.magnitude_keys(y)).tolist())) == 4
 
 
 def test_too_many_entries_error_is_static():
@@ -219,6 +219,6 @@ def test_tie_free_selection_equals_torch_topk(seed, n, kfrac):
     k = round(kfrac * n)
     want = np.zeros(300, bool)
     want[torch.topk(torch.tensor(x).abs(), k, largest=False).indices.numpy()] = True
-    real = np.asarray(_select.abs_keys(jnp.asarray(x)))
+    real = np.asarray(_select.magnitude_keys(jnp.asarray(x)))
     (got,) = run([padded(real, 300)], k, "sort", cands=[candidates(real, 300)])
     np.testing.assert_array_equal(got, want)
