@@ -75,6 +75,24 @@ def _state_dict_of(state_dict) -> tuple[Mapping, bool, dict | None]:
     return state_dict, False, None
 
 
+def _plain_metadata(metadata: Mapping) -> dict:
+    """torch's per-module metadata (``{"version": 2}``, which load_state_dict reads) as JSON;
+    refused, never dropped or changed, if JSON cannot hold it exactly (a tuple, an object)."""
+    plain = {k: dict(v) for k, v in metadata.items()}
+    try:
+        kept = json.loads(json.dumps(plain))
+    except (TypeError, ValueError):
+        kept = None
+    if kept != plain:
+        bad = next((k for k in plain if kept is None or kept.get(k) != plain[k]), "?")
+        raise ValueError(
+            f"state_dict._metadata of module {bad!r} ({plain.get(bad)!r}) cannot be kept exactly in "
+            "the checkpoint (JSON); set state_dict._metadata = None to convert without torch's module "
+            "versions"
+        )
+    return kept
+
+
 def _progress(items, total_bytes: int, progress: bool | None, desc: str):
     if progress is False or (progress is None and total_bytes < 256 * 2**20):
         return items
@@ -131,10 +149,7 @@ def _from_torch(state_dict: Mapping, template, *, copy: bool, progress: bool | N
                     _tree_set(params if leaf[0] == "params" else stats, leaf[1:], part)
     meta = {"version": RECIPE_VERSION, "keys": keys}
     if getattr(state_dict, "_metadata", None) is not None:
-        try:  # torch's per-module versions ({"version": 2}); kept when they are plain data
-            meta["metadata"] = json.loads(json.dumps({k: dict(v) for k, v in state_dict._metadata.items()}))
-        except (TypeError, ValueError):
-            pass
+        meta["metadata"] = _plain_metadata(state_dict._metadata)
     for path in masks:  # plan places every mask on its tensor's params leaf
         assert _tree_get(params, path) is not _MISSING, path
     ckpt = {"params": params, "masks": _mirror(params, masks)}

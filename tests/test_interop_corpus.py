@@ -547,3 +547,16 @@ def test_bias_less_conv_transpose_is_read_by_the_norm_after_it():
     with pytest.raises(ValueError, match=r"'5\.weight' .* may be a Conv or ConvTranspose"):
         from_torch(gen.state_dict())
     assert from_torch(gen)["params"]["5"]["kernel"].shape == (4, 4, 4, 3)
+
+
+def test_torch_module_metadata_is_kept_exactly_or_refused():
+    """torch's per-module versions travel in the recipe; metadata JSON would change (a tuple would
+    come back a list) is refused, not dropped."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    sd = model.state_dict()
+    assert dict(to_torch(from_torch(sd))._metadata) == dict(sd._metadata)
+    sd._metadata["0"]["extra"] = (1, 2)
+    with pytest.raises(ValueError, match="_metadata of module '0'"):
+        from_torch(sd)
+    sd._metadata = None
+    assert to_torch(from_torch(sd)).keys() == model.state_dict().keys()
