@@ -5,6 +5,7 @@ for a leaf that is not pruned. Every function takes a single array or a whole pa
 params dicts, ``nnx.State``) and returns new masks; nothing is mutated.
 """
 
+from . import testing as testing  # jprune.testing: masks compared across frameworks (no torch)
 from ._custom import custom_from_mask as custom_from_mask
 from ._custom import custom_method as custom_method
 from ._custom import identity as identity
@@ -35,6 +36,7 @@ __all__ = [
     "random_unstructured",
     "remove",
     "sparsity",
+    "testing",
 ]
 
 # --- training (jprune/_train.py) ---

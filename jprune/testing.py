@@ -1,0 +1,196 @@
+"""Comparing masks across frameworks: real differences versus tie order.
+
+torch breaks ties at the pruning boundary in an implementation-defined order; jprune prunes tied
+entries lowest flat index first. Two masks computed from the same scores can therefore differ
+only in *which* of several equal scores were pruned. ``compare_masks`` tells such differences from
+real ones, and ``assert_masks_equivalent`` fails only on a real one. Pure NumPy/JAX: no torch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from ._select import magnitude_keys
+from ._tree import path_str
+
+__all__ = ["LeafComparison", "MaskComparison", "assert_masks_equivalent", "compare_masks"]
+
+
+class LeafComparison(NamedTuple):
+    """One leaf of a ``MaskComparison``.
+
+    ``differ``: entries whose masks differ; ``pruned_a``/``pruned_b``: pruned entries on each side;
+    ``ties_only``: every difference swaps equal scores (None without scores, or without a
+    difference); ``first``: the first differing index (row-major), or None.
+    """
+
+    path: str
+    differ: int
+    pruned_a: int
+    pruned_b: int
+    ties_only: bool | None
+    first: tuple[int, ...] | None
+
+
+class MaskComparison(NamedTuple):
+    """Per-leaf comparison of two masks pytrees; ``print`` shows it as a table."""
+
+    leaves: tuple[LeafComparison, ...]
+
+    @property
+    def equal(self) -> bool:
+        """No entry differs."""
+        return all(r.differ == 0 for r in self.leaves)
+
+    @property
+    def equivalent(self) -> bool:
+        """Every difference is a tie at the selection boundary (the same scores were pruned)."""
+        return all(r.differ == 0 or r.ties_only for r in self.leaves)
+
+    def __str__(self) -> str:
+        width = max([len("leaf")] + [len(r.path) for r in self.leaves])
+        lines = [f"{'leaf':<{width}}  {'differ':>8}  {'pruned a':>9}  {'pruned b':>9}  verdict"]
+        for r in self.leaves:
+            if r.differ == 0:
+                verdict = "equal"
+            elif r.ties_only:
+                verdict = "ties only"
+            else:
+                verdict = "differs" if r.ties_only is None else "differs beyond ties"
+                verdict += f" (first at {r.first})"
+            lines.append(f"{r.path:<{width}}  {r.differ:>8}  {r.pruned_a:>9}  {r.pruned_b:>9}  {verdict}")
+        return "\n".join(lines)
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _leaves(tree):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+    return [path_str(p) for p, _ in flat], [None if m is None else np.asarray(m) for _, m in flat], treedef
+
+
+def _keys(score) -> np.ndarray:
+    """Keys ordering ``|score|`` exactly (NaN included), as jprune ranks scores."""
+    return np.asarray(magnitude_keys(jax.numpy.asarray(score))).ravel()
+
+
+def _same_multiset(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.size == b.size and bool(np.array_equal(np.sort(a), np.sort(b)))
+
+
+def _first_real(diff: np.ndarray, keys: np.ndarray, x: np.ndarray, y: np.ndarray) -> int:
+    """The first differing flat index that no tie explains: its score is pruned more often on its
+    side than on the other."""
+    left = Counter(keys[~x & y].tolist())
+    left.subtract(Counter(keys[~y & x].tolist()))
+    for i in diff:
+        side = 1 if not x[i] else -1  # pruned in a: counts up; pruned in b: counts down
+        if left[int(keys[i])] * side > 0:
+            return int(i)
+    return int(diff[0])
+
+
+def compare_masks(a, b, *, scores=None) -> MaskComparison:
+    """Compares two masks pytrees leaf by leaf, telling tie-order differences from real ones.
+
+    With ``scores`` (a pytree like the masks: the importance scores both sides ranked, e.g. the
+    params), a difference is a tie when the entries pruned only in ``a`` have exactly the scores
+    (``|x|``) of the entries pruned only in ``b``: the same values were pruned, only equal ones were
+    chosen differently. This is judged per leaf, and across all leaves together for a global
+    ranking (a tie may cross leaves). Without scores every difference is reported as real.
+
+    Args:
+      a: bool masks (``None`` for an unpruned leaf, read as all kept).
+      b: bool masks of the same structure.
+      scores: optional scores pytree of the same structure (``None`` leaves allowed where both
+        masks are None).
+
+    Returns:
+      A ``MaskComparison``: ``.equal``, ``.equivalent`` and one ``LeafComparison`` per leaf with a
+      mask on either side; ``print`` shows a table.
+
+    Raises:
+      ValueError: the trees differ in structure, or a leaf's masks or scores differ in shape.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jprune.testing import compare_masks
+      >>> w = jnp.array([1.0, 2.0, 2.0, 3.0])  # a tie at 2.0: either may be pruned second
+      >>> a, b = jnp.array([False, False, True, True]), jnp.array([False, True, False, True])
+      >>> r = compare_masks(a, b, scores=w)
+      >>> r.equal, r.equivalent
+      (False, True)
+      >>> print(r)
+      leaf    differ   pruned a   pruned b  verdict
+                   2          2          2  ties only
+    """
+    pa, ma, da = _leaves(a)
+    _, mb, db = _leaves(b)
+    if da != db:
+        raise ValueError(f"the masks differ in structure: {da} vs {db}")
+    ss = [None] * len(ma) if scores is None else jax.tree_util.tree_leaves(scores, is_leaf=_is_none)
+    if len(ss) != len(ma):
+        raise ValueError(f"scores must mirror the masks: {len(ss)} leaves for {len(ma)}")
+    rows, only_a, only_b = [], [], []
+    for path, x, y, s in zip(pa, ma, mb, ss):
+        if x is None and y is None:
+            continue
+        shape = np.shape(x if x is not None else y)
+        x = np.ones(shape, bool) if x is None else x.astype(bool)
+        y = np.ones(shape, bool) if y is None else y.astype(bool)
+        if x.shape != y.shape or (s is not None and np.shape(s) != x.shape):
+            raise ValueError(f"{path}: shapes differ: a {x.shape}, b {y.shape}, scores {np.shape(s)}")
+        fx, fy = x.ravel(), y.ravel()
+        diff = np.flatnonzero(fx != fy)
+        first, ties = (int(diff[0]) if diff.size else None), None
+        if diff.size and s is not None:
+            keys = _keys(s)
+            only_a.append(keys[~fx & fy])
+            only_b.append(keys[~fy & fx])
+            ties = _same_multiset(only_a[-1], only_b[-1])
+            if not ties:
+                first = _first_real(diff, keys, fx, fy)
+        at = None if first is None else tuple(int(i) for i in np.unravel_index(first, x.shape))
+        rows.append(LeafComparison(path, int(diff.size), int((~x).sum()), int((~y).sum()), ties, at))
+    if only_a and not all(r.ties_only in (None, True) for r in rows):
+        # a global ranking: equal scores may have been pruned in another leaf
+        across = _same_multiset(np.concatenate(only_a), np.concatenate(only_b))
+        rows = [r._replace(ties_only=across) if r.ties_only is False else r for r in rows]
+    return MaskComparison(tuple(rows))
+
+
+def assert_masks_equivalent(a, b, *, scores=None) -> None:
+    """Raises unless ``a`` and ``b`` differ only by tie order (see ``compare_masks``).
+
+    Args:
+      a: bool masks pytree.
+      b: bool masks pytree of the same structure.
+      scores: the scores both were computed from; without them any difference fails.
+
+    Raises:
+      AssertionError: naming the first leaf and index that differ for a real reason, with the
+        comparison table.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jprune.testing import assert_masks_equivalent
+      >>> w = jnp.array([1.0, 2.0, 2.0, 3.0])
+      >>> assert_masks_equivalent(jnp.array([0, 1, 0, 1]) == 1, jnp.array([0, 0, 1, 1]) == 1, scores=w)
+      >>> assert_masks_equivalent(jnp.array([0, 1, 1, 1]) == 1, jnp.array([1, 1, 0, 1]) == 1, scores=w)
+      Traceback (most recent call last):
+      AssertionError: masks differ beyond ties at leaf '' index (0,) (1 vs 1 pruned)
+      leaf    differ   pruned a   pruned b  verdict
+                   2          1          1  differs beyond ties (first at (0,))
+    """
+    report = compare_masks(a, b, scores=scores)
+    for r in report.leaves:
+        if r.differ and not r.ties_only:
+            why = "differ" if r.ties_only is None else "differ beyond ties"
+            where = f"leaf {r.path!r} index {r.first} ({r.pruned_a} vs {r.pruned_b} pruned)"
+            raise AssertionError(f"masks {why} at {where}\n{report}")
