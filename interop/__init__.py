@@ -60,6 +60,7 @@ NHWC models: torch flattens (C, H, W) before the first Linear after convolutions
 NHWC activations to (C, H, W) before the reshape and the converted kernel works as is.
 """
 
+from ._api import apply_to_torch as apply_to_torch
 from ._api import convert as convert
 from ._api import from_torch as from_torch
 from ._api import to_torch as to_torch
@@ -69,6 +70,7 @@ from ._inspect import summarize as summarize
 from ._torch import load_pruned_state_dict as load_pruned_state_dict
 
 __all__ = [
+    "apply_to_torch",
     "convert",
     "from_torch",
     "load",

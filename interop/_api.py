@@ -8,9 +8,11 @@ import os
 from collections import OrderedDict
 from collections.abc import Mapping
 
+import numpy as np
 import torch
+from torch.nn.utils import prune
 
-from . import _convert, _files
+from . import _convert, _files, _layout, _torch
 
 
 def _read_torch(source):
@@ -168,3 +170,74 @@ def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from e
     _files.save(obj, dst)
+
+
+def apply_to_torch(module: torch.nn.Module, masks) -> None:
+    """Installs jprune masks (Flax names and layouts) on a live torch module as torch pruning.
+
+    Each mask becomes ``prune.custom_from_mask`` on its tensor, converted to torch's layout (a Flax
+    ``kernel`` ``(in, out)`` is a Linear ``weight`` ``(out, in)``; the query/key/value masks of an
+    attention layer are packed into ``in_proj_weight``), so a model pruned in JAX goes on in torch.
+    Names and layouts come from the module itself, as ``from_torch(module)`` gives them. A tensor
+    torch has already pruned keeps its mask too: the new one is combined with it, as torch does.
+
+    Args:
+      module: the torch model, pruned or not.
+      masks: a masks pytree in the layout of ``from_torch(module)["params"]`` (bool arrays, ``None``
+        where a leaf is not pruned; an attention's missing query/key/value mask counts as all kept).
+
+    Raises:
+      ValueError: a mask at a path the module has no tensor for, of the wrong shape, or not bool;
+        the message names it, and the module is left exactly as it was.
+
+    Examples:
+      >>> import numpy as np, torch
+      >>> from jprune.interop import apply_to_torch
+      >>> lin = torch.nn.Linear(3, 2)
+      >>> keep = np.array([[True, False], [True, True], [False, True]])  # Flax kernel (in, out)
+      >>> apply_to_torch(lin, {"kernel": keep, "bias": None})
+      >>> lin.weight_mask.tolist()
+      [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]
+    """
+    ckpt = from_torch(module)
+    params = ckpt["params"]
+    recipe = _convert._read_recipe(ckpt["torch"]["recipe"])
+    keys = {key for key, *_ in recipe["keys"]}
+    given = {path: m for path, m in _convert._leaf_paths(masks) if m is not None}
+    placed, plan = set(), []
+    for key, target, layout, _ in recipe["keys"]:
+        if target[0] != "params":
+            continue
+        leaves = [leaf[1:] for leaf in _layout.leaves(tuple(target), layout)]
+        if not any(leaf in given for leaf in leaves):
+            continue
+        parts = []
+        for leaf in leaves:
+            shape = np.shape(_convert._tree_get(params, leaf))
+            m = np.asarray(given.get(leaf, np.ones(shape, bool)))
+            if m.dtype != np.bool_ or m.shape != shape:
+                raise ValueError(
+                    f"mask at {'/'.join(leaf)} must be a bool array of shape {shape} (the Flax "
+                    f"layout of '{key}'), got {m.dtype} {m.shape}"
+                )
+            parts.append(m)
+            placed.add(leaf)
+        prefix, _, attr = key.rpartition(".")
+        if attr.endswith("_orig") and f"{key[:-5]}_mask" in keys:  # already pruned by torch
+            attr = attr[:-5]
+        plan.append((prefix, attr, _layout.to_torch(layout, parts)))
+    unplaced = sorted("/".join(p) for p in given if p not in placed)
+    if unplaced:
+        raise ValueError(
+            f"masks at {unplaced} have no tensor in this {type(module).__name__}; its Flax "
+            "names are those of jprune.interop.from_torch(module)['params']"
+        )
+    saved = _torch._snapshot(module)
+    try:
+        for prefix, attr, mask in plan:
+            prune.custom_from_mask(
+                module.get_submodule(prefix), attr, torch.from_numpy(np.ascontiguousarray(mask))
+            )
+    except BaseException:
+        _torch._restore(saved)
+        raise
