@@ -17,7 +17,7 @@ import numpy as np
 from ._select import magnitude_keys
 from ._tree import path_str
 
-__all__ = ["LeafComparison", "MaskComparison", "assert_masks_equivalent", "compare_masks"]
+__all__ = ["LeafComparison", "MaskComparison", "assert_masks_equivalent", "compare_masks", "torch_reference"]
 
 
 class LeafComparison(NamedTuple):
@@ -194,3 +194,96 @@ def assert_masks_equivalent(a, b, *, scores=None) -> None:
             why = "differ" if r.ties_only is None else "differ beyond ties"
             where = f"leaf {r.path!r} index {r.first} ({r.pruned_a} vs {r.pruned_b} pruned)"
             raise AssertionError(f"masks {why} at {where}\n{report}")
+
+
+# ------------------------------------------------------------------------------------------------
+# torch as the oracle (needs torch; imported only when called)
+
+_TORCH_METHODS = (
+    "l1_unstructured",
+    "random_unstructured",
+    "ln_structured",
+    "random_structured",
+    "global_unstructured",
+)
+
+
+def torch_reference(params, steps, *, masks=None, importance_scores=None, select=None):
+    """Runs ``torch.nn.utils.prune`` on the same weights and returns torch's masks, jprune-shaped.
+
+    Each selected leaf becomes a Parameter of a bare ``nn.Module`` (in the array's own layout:
+    which entries an unstructured or per-channel method prunes does not depend on the layout, so
+    ``axis`` is torch's ``dim`` as is), ``masks`` are installed first with ``custom_from_mask``,
+    then the steps run through torch's own pruning container, as in torch's tutorial.
+
+    Args:
+      params: an array or a pytree of arrays (the weights torch prunes).
+      steps: one call or a list of calls, each ``(method, amount)`` or ``(method, amount, kwargs)``:
+        ``"l1_unstructured"``, ``"random_unstructured"`` (torch's RNG: compare counts, not
+        indices), ``"ln_structured"`` (kwargs ``n`` and ``axis``), ``"random_structured"``
+        (``axis``), or ``"global_unstructured"`` (over all selected leaves, L1).
+      masks: starting masks (a masks pytree), or None.
+      importance_scores: a pytree like params, passed to every step (L1 and Ln methods).
+      select: which leaves, as in ``jp.l1_unstructured`` (the same default).
+
+    Returns:
+      torch's masks as a jprune masks pytree (bool, ``None`` where a leaf was not selected).
+
+    Examples:
+      >>> import jax.numpy as jnp, jprune as jp
+      >>> from jprune.testing import torch_reference
+      >>> w = jnp.array([[0.5, -2.0, 3.0], [1.0, -4.0, 0.1]])
+      >>> torch_reference(w, ("l1_unstructured", 2)).tolist()
+      [[False, True, True], [True, True, False]]
+      >>> steps = [("l1_unstructured", 2), ("ln_structured", 1, {"n": 2, "axis": 1})]
+      >>> (torch_reference(w, steps) == jp.ln_structured(w, 1, 2, 1, masks=jp.l1_unstructured(w, 2))).all()
+      Array(True, dtype=bool)
+    """
+    import torch
+    from torch.nn.utils import prune
+
+    from ._tree import Tree
+
+    tree = Tree(params, masks, importance_scores)
+    idx = tree.select(select)
+    module = torch.nn.Module()
+    names = [f"p{j}" for j in range(len(idx))]
+
+    def tensor(a):
+        a = np.asarray(a)
+        if a.dtype.name == "bfloat16":  # numpy has no bf16: through float32, exactly
+            return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+        return torch.from_numpy(np.array(a))
+
+    for name, i in zip(names, idx):
+        t = tensor(tree.values[i])
+        module.register_parameter(name, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
+        if tree.masks[i] is not None:
+            prune.custom_from_mask(module, name, tensor(tree.masks[i]))
+    scores = {name: tree.scores[i] for name, i in zip(names, idx) if tree.scores[i] is not None}
+    for step in [steps] if isinstance(steps[0], str) else steps:
+        method, amount, kw = (*step, {}) if len(step) == 2 else step
+        if method not in _TORCH_METHODS:
+            raise ValueError(f"method must be one of {_TORCH_METHODS}, got {method!r}")
+        if method == "global_unstructured":
+            imp = {(module, n): tensor(s) for n, s in scores.items()} or None
+            targets = [(module, n) for n in names]
+            prune.global_unstructured(
+                targets, pruning_method=prune.L1Unstructured, importance_scores=imp, amount=amount
+            )
+            continue
+        extra = {"dim": kw["axis"]} if "axis" in kw else {}
+        if "n" in kw:
+            extra["n"] = kw["n"]
+        for name in names:
+            if method in ("l1_unstructured", "ln_structured") and name in scores:
+                extra["importance_scores"] = tensor(scores[name])
+            else:
+                extra.pop("importance_scores", None)
+            getattr(prune, method)(module, name, amount, **extra)
+    new = {
+        i: np.asarray(getattr(module, f"{name}_mask").detach() != 0)
+        for name, i in zip(names, idx)
+        if hasattr(module, f"{name}_mask")
+    }
+    return tree.with_masks({i: jax.numpy.asarray(m) for i, m in new.items()})

@@ -1,5 +1,6 @@
 """Tests for jprune/testing.py: comparing masks across frameworks, ties versus real differences."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.utils.prune as tprune
 from conftest import tie_free, torch_mask, torch_module
 
 import jprune as jp
-from jprune.testing import assert_masks_equivalent, compare_masks
+from jprune.testing import assert_masks_equivalent, compare_masks, torch_reference
 
 
 def heavy_ties(rng, shape, levels=3):
@@ -115,3 +116,62 @@ def test_tie_free_torch_masks_are_equal():
     tprune.l1_unstructured(mod, "w", 17)
     assert compare_masks(torch_mask(mod, "w"), jp.l1_unstructured(jnp.asarray(w), 17)).equal
     assert torch.__version__
+
+
+# --------------------------------------------------------------------------------------------------
+# torch_reference: torch's answer, jprune-shaped
+
+
+def flax_params(rng):
+    return {
+        "conv": {"kernel": jnp.asarray(tie_free(rng, (3, 3, 2, 4))), "bias": jnp.zeros(4)},
+        "dense": {"kernel": jnp.asarray(tie_free(rng, (6, 5))), "bias": jnp.zeros(5)},
+    }
+
+
+@pytest.mark.parametrize(
+    "steps,ours",
+    [
+        (("l1_unstructured", 0.3), lambda p: jp.l1_unstructured(p, 0.3)),
+        (("global_unstructured", 17), lambda p: jp.global_unstructured(p, 17)),
+        (("ln_structured", 0.5, {"n": 2, "axis": -1}), lambda p: jp.ln_structured(p, 0.5, 2, -1)),
+        (
+            [
+                ("l1_unstructured", 0.2),
+                ("ln_structured", 1, {"n": 1, "axis": -2}),
+                ("global_unstructured", 0.25),
+            ],
+            lambda p: jp.global_unstructured(
+                p, 0.25, masks=jp.ln_structured(p, 1, 1, -2, masks=jp.l1_unstructured(p, 0.2))
+            ),
+        ),
+    ],
+)
+def test_torch_reference_equals_jprune_on_tie_free_weights(steps, ours):
+    params = flax_params(np.random.default_rng(3))
+    want = torch_reference(params, steps)
+    assert want["conv"]["bias"] is None  # the default selection: kernels
+    assert compare_masks(want, ours(params)).equal
+
+
+def test_torch_reference_with_masks_and_scores():
+    rng = np.random.default_rng(4)
+    params = flax_params(rng)
+    start = jp.random_unstructured(params, 0.3, key=jax.random.key(0))
+    scores = jax.tree.map(lambda x: -x if x.ndim > 1 else None, params)
+    want = torch_reference(params, ("l1_unstructured", 0.4), masks=start, importance_scores=scores)
+    got = jp.l1_unstructured(params, 0.4, masks=start, importance_scores=scores)
+    assert compare_masks(want, got).equal
+    rand = torch_reference(params, ("random_unstructured", 7), select="dense/kernel")
+    assert int((~rand["dense"]["kernel"]).sum()) == 7 and rand["conv"]["kernel"] is None
+
+
+def test_torch_reference_with_ties_is_equivalent_not_equal():
+    rng = np.random.default_rng(5)
+    params = {"a": {"kernel": jnp.asarray(heavy_ties(rng, (9, 8)))}}
+    want = torch_reference(params, ("global_unstructured", 0.45))
+    got = jp.global_unstructured(params, 0.45)
+    report = compare_masks(want, got, scores=params)
+    assert report.equivalent and not report.equal
+    with pytest.raises(ValueError, match="method must be one of"):
+        torch_reference(params, ("l2_unstructured", 0.5))
