@@ -205,6 +205,8 @@ _TORCH_METHODS = (
     "ln_structured",
     "random_structured",
     "global_unstructured",
+    "identity",
+    "custom_from_mask",
 )
 
 
@@ -221,7 +223,8 @@ def torch_reference(params, steps, *, masks=None, importance_scores=None, select
       steps: one call or a list of calls, each ``(method, amount)`` or ``(method, amount, kwargs)``:
         ``"l1_unstructured"``, ``"random_unstructured"`` (torch's RNG: compare counts, not
         indices), ``"ln_structured"`` (kwargs ``n`` and ``axis``), ``"random_structured"``
-        (``axis``), or ``"global_unstructured"`` (over all selected leaves, L1).
+        (``axis``), ``"global_unstructured"`` (over all selected leaves, L1), ``"identity"``, or
+        ``"custom_from_mask"`` (kwargs ``mask``: a pytree like params, 0/1 per selected leaf).
       masks: starting masks (a masks pytree), or None.
       importance_scores: a pytree like params, passed to every step (L1 and Ln methods).
       select: which leaves, as in ``jp.l1_unstructured`` (the same default).
@@ -271,6 +274,14 @@ def torch_reference(params, steps, *, masks=None, importance_scores=None, select
             prune.global_unstructured(
                 targets, pruning_method=prune.L1Unstructured, importance_scores=imp, amount=amount
             )
+            continue
+        if method in ("identity", "custom_from_mask"):
+            given = tree.align(kw["mask"], "mask") if method == "custom_from_mask" else None
+            for name, i in zip(names, idx):
+                if given is None:
+                    prune.identity(module, name)
+                elif given[i] is not None:
+                    prune.custom_from_mask(module, name, tensor(given[i]))
             continue
         extra = {"dim": kw["axis"]} if "axis" in kw else {}
         if "n" in kw:

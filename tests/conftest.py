@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.utils.prune as tprune
 
 import jprune as jp
+from jprune.testing import compare_masks, torch_reference
 
 # Each transform runs jitted and not jitted: wrap a lambda that closes over the static arguments.
 JITS = [pytest.param(jax.jit, id="jit"), pytest.param(lambda f: f, id="eager")]
@@ -85,34 +85,29 @@ def torch_mask(mod, name):
     return None if buf is None else (buf != 0).numpy().copy()
 
 
-def torch_masks(mod, names):
-    return {n: torch_mask(mod, n) for n in names}
-
-
 def _count(amount, n):
     return int(amount) if isinstance(amount, numbers.Integral) else round(amount * n)
 
 
-def check_ln_boundary(mod, name, amount, n, dim, scores=None, rel=1e-4):
-    """Raise NearTie if the channel norms at torch's pruning boundary are within ``rel``.
+def check_ln_boundary(t, mask, amount, n, dim, rel=1e-4):
+    """Raise NearTie if the channel norms at the pruning boundary are within ``rel``.
 
-    Computed in float64 on what torch will use (the current ``module.name`` or the given scores),
-    over the remaining channels only, before the call.
+    Computed in float64 on the effective weights ``t`` (scores) over the remaining channels only
+    (``mask``, None for all), before the step.
     """
-    t = (getattr(mod, name) if scores is None else torch.as_tensor(np.asarray(scores))).detach()
-    t = t.double()
+    t = np.asarray(t, np.float64)
     ndim = t.ndim
     if ndim < 2 or not -ndim <= dim < ndim:
         return
     d = dim % ndim
-    others = [i for i in range(ndim) if i != d]
-    mask = getattr(mod, name + "_mask", None)
-    live = np.ones(t.shape[d], bool) if mask is None else (mask.sum(dim=others) != 0).numpy()
+    others = tuple(i for i in range(ndim) if i != d)
+    live = np.ones(t.shape[d], bool) if mask is None else np.asarray(mask).any(axis=others)
+    tt = torch.from_numpy(t)
     p = 2 if n == "fro" else n
     if n == "nuc":
-        norms = torch.linalg.matrix_norm(t.movedim(d, 0), ord="nuc").numpy()
+        norms = torch.linalg.matrix_norm(tt.movedim(d, 0), ord="nuc").numpy()
     else:
-        norms = torch.linalg.vector_norm(t, ord=p, dim=others).numpy()
+        norms = torch.linalg.vector_norm(tt, ord=p, dim=others).numpy()
     norms = np.sort(norms[live])
     k = _count(amount, len(norms))
     if 0 < k < len(norms):
@@ -121,32 +116,27 @@ def check_ln_boundary(mod, name, amount, n, dim, scores=None, rel=1e-4):
             raise NearTie(f"norms {lo} and {hi} at the boundary k={k}")
 
 
-def torch_step(mod, names, step):
-    """Apply one step (see ``run_both``) to the torch module."""
-    kind, *args = step
-    if kind == "l1":
-        (amount,) = args
-        for nm in names:
-            tprune.l1_unstructured(mod, nm, amount)
-    elif kind == "ln":
-        amount, n, dim = args
-        for nm in names:
-            check_ln_boundary(mod, nm, amount, n, dim)
-            tprune.ln_structured(mod, nm, amount, n=n, dim=dim)
-    elif kind == "global":
-        (amount,) = args
-        tprune.global_unstructured(
-            [(mod, nm) for nm in names], pruning_method=tprune.L1Unstructured, amount=amount
-        )
-    elif kind == "identity":
-        for nm in names:
-            tprune.identity(mod, nm)
-    elif kind == "custom":
-        (mask,) = args
-        for nm in names:
-            tprune.custom_from_mask(mod, nm, torch.as_tensor(np.asarray(mask[nm])))
-    else:  # pragma: no cover
-        raise ValueError(kind)
+def torch_steps(steps, names, keys):
+    """run_both's steps as jprune.testing.torch_reference calls (``keys``: all the arrays')."""
+    out = []
+    for kind, *args in steps:
+        if kind == "l1":
+            out.append(("l1_unstructured", args[0]))
+        elif kind == "ln":
+            amount, n, dim = args
+            out.append(("ln_structured", amount, {"n": n, "axis": dim}))
+        elif kind == "global":
+            out.append(("global_unstructured", args[0]))
+        elif kind == "identity":
+            out.append(("identity", None))
+        elif kind == "custom":
+            (mask,) = args
+            out.append(
+                ("custom_from_mask", None, {"mask": {k: mask[k] if k in names else None for k in keys}})
+            )
+        else:  # pragma: no cover
+            raise ValueError(kind)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,17 +184,27 @@ def run_both(arrays: dict, steps, names=None, wrap=lambda f: f):
 
     Steps: ``("l1", amount)``, ``("ln", amount, n, dim)``, ``("global", amount)``,
     ``("identity",)``, ``("custom", {name: 0/1 array})``, each applied to every name in ``names``
-    (default: all). ``dim`` is used as the JAX ``axis`` (same layout). Raises NearTie when a
+    (default: all). ``dim`` is used as the JAX ``axis`` (same layout). torch runs the same arrays
+    (as JAX holds them) through ``jprune.testing.torch_reference``. Raises NearTie when a
     structured step would be decided by a float32-rounding-level difference in norms.
     """
     names = list(arrays) if names is None else list(names)
-    mod = torch_module(arrays)
     params = {k: jnp.asarray(v) for k, v in arrays.items()}
     masks = None
     for step in steps:
-        torch_step(mod, names, step)
+        if step[0] == "ln":
+            for nm in names:
+                m = None if masks is None else masks.get(nm)
+                eff = (
+                    np.asarray(params[nm])
+                    if m is None
+                    else np.where(np.asarray(m), np.asarray(params[nm]), 0)
+                )
+                check_ln_boundary(eff, m, step[1], step[2], step[3])
         masks = jax_step(params, masks, names, step, wrap)
-    return torch_masks(mod, list(arrays)), to_np(masks)
+    full = {k: None for k in arrays}
+    tmasks = torch_reference(params, torch_steps(steps, names, list(arrays)), select=names)
+    return to_np({**full, **tmasks}), to_np(masks)
 
 
 def assert_same_masks(tmasks: dict, jmasks: dict):
@@ -216,7 +216,8 @@ def assert_same_masks(tmasks: dict, jmasks: dict):
             continue
         assert j is not None, k
         assert j.dtype == np.bool_, (k, j.dtype)
-        np.testing.assert_array_equal(j, t, err_msg=f"mask of {k!r} differs from torch")
+    report = compare_masks(tmasks, jmasks)
+    assert report.equal, f"masks differ from torch's:\n{report}"
 
 
 def pruned_count(m) -> int:
