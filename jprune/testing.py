@@ -17,7 +17,14 @@ import numpy as np
 from ._select import magnitude_keys
 from ._tree import path_str
 
-__all__ = ["LeafComparison", "MaskComparison", "assert_masks_equivalent", "compare_masks", "torch_reference"]
+__all__ = [
+    "LeafComparison",
+    "MaskComparison",
+    "assert_masks_equivalent",
+    "assert_same_effective_weights",
+    "compare_masks",
+    "torch_reference",
+]
 
 
 class LeafComparison(NamedTuple):
@@ -298,3 +305,59 @@ def torch_reference(params, steps, *, masks=None, importance_scores=None, select
         if hasattr(module, f"{name}_mask")
     }
     return tree.with_masks({i: jax.numpy.asarray(m) for i, m in new.items()})
+
+
+def assert_same_effective_weights(params, masks, torch_model) -> None:
+    """Raises unless the effective weights (``orig * mask``) agree bit for bit across frameworks.
+
+    The torch side's weights and masks are read with ``jprune.interop.from_torch`` (Flax names and
+    layouts; needs torch), and both sides' effective weights are torch's product ``orig * mask``
+    (``jp.apply_masks``: a pruned NaN stays NaN, a pruned negative is ``-0.0``).
+
+    Args:
+      params: Flax params (the names and layouts of ``from_torch(torch_model)["params"]``).
+      masks: their masks (``None`` where a leaf is not pruned).
+      torch_model: a torch ``nn.Module`` (pruned or not), a state_dict, or a checkpoint path.
+
+    Raises:
+      AssertionError: naming the first leaf (and index) whose effective weights differ, or a leaf
+        one side has and the other has not.
+
+    Examples:
+      >>> import numpy as np, torch
+      >>> from torch.nn.utils import prune
+      >>> from jprune.interop import from_torch
+      >>> from jprune.testing import assert_same_effective_weights
+      >>> lin = prune.l1_unstructured(torch.nn.Linear(4, 3), "weight", amount=5)
+      >>> ckpt = from_torch(lin)
+      >>> assert_same_effective_weights(ckpt["params"], ckpt["masks"], lin)
+    """
+    from jprune.interop import from_torch
+
+    from ._masks import apply_masks
+
+    ckpt = from_torch(torch_model)
+    theirs = dict(_flat_paths(apply_masks(ckpt["params"], ckpt["masks"])))
+    ours = dict(_flat_paths(apply_masks(params, masks)))
+    if ours.keys() != theirs.keys():
+        only = sorted(ours.keys() ^ theirs.keys())
+        raise AssertionError(
+            f"leaves {only} are on one side only (jprune: {sorted(ours)}, torch: {sorted(theirs)})"
+        )
+    for path, a in ours.items():
+        a, b = np.asarray(a), np.asarray(theirs[path])
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise AssertionError(f"{path}: jprune {a.dtype}{a.shape} vs torch {b.dtype}{b.shape}")
+        bits = np.dtype(f"u{a.dtype.itemsize}") if a.dtype.kind in "fc" else a.dtype
+        diff = np.flatnonzero(a.view(bits).ravel() != b.view(bits).ravel())
+        if diff.size:
+            at = tuple(int(i) for i in np.unravel_index(diff[0], a.shape))
+            raise AssertionError(
+                f"{path}: effective weights differ at {at}: jprune {a[at]!r}, torch {b[at]!r} "
+                f"({diff.size} entries differ)"
+            )
+
+
+def _flat_paths(tree):
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(p), v) for p, v in flat]

@@ -9,7 +9,12 @@ import torch.nn.utils.prune as tprune
 from conftest import tie_free, torch_mask, torch_module
 
 import jprune as jp
-from jprune.testing import assert_masks_equivalent, compare_masks, torch_reference
+from jprune.testing import (
+    assert_masks_equivalent,
+    assert_same_effective_weights,
+    compare_masks,
+    torch_reference,
+)
 
 
 def heavy_ties(rng, shape, levels=3):
@@ -175,3 +180,25 @@ def test_torch_reference_with_ties_is_equivalent_not_equal():
     assert report.equivalent and not report.equal
     with pytest.raises(ValueError, match="method must be one of"):
         torch_reference(params, ("l2_unstructured", 0.5))
+
+
+def test_effective_weights_agree_bit_for_bit_across_frameworks(tmp_path):
+    """Masks computed in JAX, installed in torch: the effective weights are the same bits; a mask
+    one entry off is named by leaf and index."""
+    from jprune.interop import apply_to_torch, from_torch, save
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 3 * 3, 5))
+    params = from_torch(model)["params"]
+    masks = jp.global_unstructured(params, 0.5)
+    apply_to_torch(model, masks)
+    assert_same_effective_weights(params, masks, model)
+    save(model.state_dict(), tmp_path / "m.pt")
+    assert_same_effective_weights(params, masks, tmp_path / "m.pt")
+    off = jax.tree.map(np.array, masks)
+    i = tuple(np.argwhere(off["2"]["kernel"])[0])
+    off["2"]["kernel"][i] = False
+    with pytest.raises(AssertionError, match=r"2/kernel: effective weights differ at \(" + f"{i[0]}, {i[1]}"):
+        assert_same_effective_weights(params, off, model)
+    with pytest.raises(AssertionError, match="on one side only"):
+        assert_same_effective_weights({"0": params["0"]}, {"0": masks["0"]}, model)
