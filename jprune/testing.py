@@ -103,7 +103,17 @@ def _first_real(diff: np.ndarray, keys: np.ndarray, x: np.ndarray, y: np.ndarray
     return int(diff[0])
 
 
-def compare_masks(a, b, *, scores=None) -> MaskComparison:
+def _channels(path, x, y, s, axis, n):
+    """Structured masks as channel masks along ``axis`` (a channel is kept while any entry is),
+    and the scores as the channels' Ln norms (as ``jp.ln_structured`` ranks them)."""
+    from ._structured import channel_mask, channel_norms, normalize_axis
+
+    ax = normalize_axis(axis, x.shape, path)
+    x, y = (np.asarray(channel_mask(jax.numpy.asarray(m), ax)) for m in (x, y))
+    return x, y, None if s is None else channel_norms(jax.numpy.asarray(s), n, ax)
+
+
+def compare_masks(a, b, *, scores=None, axis=None, n=2) -> MaskComparison:
     """Compares two masks pytrees leaf by leaf, telling tie-order differences from real ones.
 
     With ``scores`` (a pytree like the masks: the importance scores both sides ranked, e.g. the
@@ -112,11 +122,16 @@ def compare_masks(a, b, *, scores=None) -> MaskComparison:
     chosen differently. This is judged per leaf, and across all leaves together for a global
     ranking (a tie may cross leaves). Without scores every difference is reported as real.
 
+    Structured masks (``axis`` given) compare by channel along ``axis``: a channel is pruned when
+    all its entries are, and channels tie when their Ln norms (``n``, of the scores) are equal.
+
     Args:
       a: bool masks (``None`` for an unpruned leaf, read as all kept).
       b: bool masks of the same structure.
       scores: optional scores pytree of the same structure (``None`` leaves allowed where both
         masks are None).
+      axis: compare whole channels along this axis (structured pruning), in every leaf.
+      n: the norm that ranks channels, as in ``jp.ln_structured``.
 
     Returns:
       A ``MaskComparison``: ``.equal``, ``.equivalent`` and one ``LeafComparison`` per leaf with a
@@ -153,6 +168,8 @@ def compare_masks(a, b, *, scores=None) -> MaskComparison:
         y = np.ones(shape, bool) if y is None else y.astype(bool)
         if x.shape != y.shape or (s is not None and np.shape(s) != x.shape):
             raise ValueError(f"{path}: shapes differ: a {x.shape}, b {y.shape}, scores {np.shape(s)}")
+        if axis is not None:
+            x, y, s = _channels(path, x, y, s, axis, n)
         fx, fy = x.ravel(), y.ravel()
         diff = np.flatnonzero(fx != fy)
         first, ties = (int(diff[0]) if diff.size else None), None
@@ -172,13 +189,14 @@ def compare_masks(a, b, *, scores=None) -> MaskComparison:
     return MaskComparison(tuple(rows))
 
 
-def assert_masks_equivalent(a, b, *, scores=None) -> None:
+def assert_masks_equivalent(a, b, *, scores=None, axis=None, n=2) -> None:
     """Raises unless ``a`` and ``b`` differ only by tie order (see ``compare_masks``).
 
     Args:
       a: bool masks pytree.
       b: bool masks pytree of the same structure.
       scores: the scores both were computed from; without them any difference fails.
+      axis: compare whole channels along this axis (structured pruning); ``n``: their norm.
 
     Raises:
       AssertionError: naming the first leaf and index that differ for a real reason, with the
@@ -195,7 +213,7 @@ def assert_masks_equivalent(a, b, *, scores=None) -> None:
       leaf    differ   pruned a   pruned b  verdict
                    2          1          1  differs beyond ties (first at (0,))
     """
-    report = compare_masks(a, b, scores=scores)
+    report = compare_masks(a, b, scores=scores, axis=axis, n=n)
     for r in report.leaves:
         if r.differ and not r.ties_only:
             why = "differ" if r.ties_only is None else "differ beyond ties"

@@ -202,3 +202,27 @@ def test_effective_weights_agree_bit_for_bit_across_frameworks(tmp_path):
         assert_same_effective_weights(params, off, model)
     with pytest.raises(AssertionError, match="on one side only"):
         assert_same_effective_weights({"0": params["0"]}, {"0": masks["0"]}, model)
+
+
+def test_structured_masks_compare_by_channel():
+    """Columns 0 and 2 have the same L2 norm (5) with different entries: torch and jprune may
+    prune either; by channel that is a tie, entry by entry it is not."""
+    w = np.array([[3.0, 1.0, 0.0, 9.0], [4.0, 1.0, 0.0, 9.0], [0.0, 1.0, 5.0, 9.0]], np.float32)
+    prune_0 = np.array([[False, True, True, True]] * 3)
+    prune_2 = np.array([[True, True, False, True]] * 3)
+    assert not compare_masks(prune_0, prune_2, scores=w).equivalent
+    report = compare_masks(prune_0, prune_2, scores=w, axis=1, n=2)
+    assert report.equivalent and report.leaves[0].differ == 2
+    assert_masks_equivalent(prune_0, prune_2, scores=w, axis=1)
+    prune_1 = np.array([[True, False, True, True]] * 3)  # norm sqrt(3): a real difference
+    with pytest.raises(AssertionError, match=r"index \(1,\)|index \(0,\)"):
+        assert_masks_equivalent(prune_0, prune_1, scores=w, axis=1)
+    # against torch: duplicate channels tie exactly
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((5, 3)).astype(np.float32)
+    x = np.concatenate([base, base[:, :1], base[:, :1] * -1], axis=1)  # columns 0, 3, 4 tie
+    for k in (1, 2, 3):
+        mod = torch_module({"x": x})
+        tprune.ln_structured(mod, "x", k, n=2, dim=1)
+        ours = jp.ln_structured(jnp.asarray(x), k, 2, 1)
+        assert_masks_equivalent(torch_mask(mod, "x"), ours, scores=x, axis=1)
