@@ -3,7 +3,9 @@
 torch breaks ties at the pruning boundary in an implementation-defined order; jprune prunes tied
 entries lowest flat index first. Two masks computed from the same scores can therefore differ
 only in *which* of several equal scores were pruned. ``compare_masks`` tells such differences from
-real ones, and ``assert_masks_equivalent`` fails only on a real one. Pure NumPy/JAX: no torch.
+real ones, and ``assert_masks_equivalent`` fails only on a real one (both pure NumPy/JAX).
+``torch_reference`` (torch's answer for the same weights) and ``assert_same_effective_weights``
+import torch when they are called; importing this module never does.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import numpy as np
 
 from ._select import magnitude_keys
+from ._structured import channel_mask, channel_norms, normalize_axis
 from ._tree import path_str
 
 __all__ = [
@@ -106,8 +109,6 @@ def _first_real(diff: np.ndarray, keys: np.ndarray, x: np.ndarray, y: np.ndarray
 def _channels(path, x, y, s, axis, n):
     """Structured masks as channel masks along ``axis`` (a channel is kept while any entry is),
     and the scores as the channels' Ln norms (as ``jp.ln_structured`` ranks them)."""
-    from ._structured import channel_mask, channel_norms, normalize_axis
-
     ax = normalize_axis(axis, x.shape, path)
     x, y = (np.asarray(channel_mask(jax.numpy.asarray(m), ax)) for m in (x, y))
     return x, y, None if s is None else channel_norms(jax.numpy.asarray(s), n, ax)
