@@ -14,6 +14,7 @@ from ._masks import apply_masks as apply_masks
 from ._masks import is_pruned as is_pruned
 from ._masks import remove as remove
 from ._masks import sparsity as sparsity
+from ._nm import n_m_unstructured as n_m_unstructured
 from ._structured import ln_structured as ln_structured
 from ._structured import random_structured as random_structured
 from ._unstructured import global_unstructured as global_unstructured
@@ -32,6 +33,7 @@ __all__ = [
     "is_pruned",
     "l1_unstructured",
     "ln_structured",
+    "n_m_unstructured",
     "random_structured",
     "random_unstructured",
     "remove",
