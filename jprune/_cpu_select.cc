@@ -36,6 +36,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -63,6 +64,23 @@ constexpr int64_t kGatherShare = 64;  // gather a bucket of at most total / kGat
 
 // How a leaf's entries become keys.
 enum class Kind : uint8_t { kF32, kU32, kBF16, kF16 };
+
+// Calls f(std::integral_constant<Kind, K>{}) for `kind`: the one dispatch from a leaf's runtime
+// kind to the pass templated on it.
+template <class F>
+inline decltype(auto) WithKind(Kind kind, F&& f) {
+  switch (kind) {
+    case Kind::kU32:
+      return f(std::integral_constant<Kind, Kind::kU32>{});
+    case Kind::kBF16:
+      return f(std::integral_constant<Kind, Kind::kBF16>{});
+    case Kind::kF16:
+      return f(std::integral_constant<Kind, Kind::kF16>{});
+    case Kind::kF32:
+      break;
+  }
+  return f(std::integral_constant<Kind, Kind::kF32>{});
+}
 
 // The float32 key (bits of |x|) of a float16 value as XLA converts it: normal values rebias their
 // exponent, subnormals become normal float32s (integer arithmetic only: no FTZ/DAZ mode can flush
@@ -116,16 +134,7 @@ inline void ForKeysOf(const Chunk& c, F&& f) {
 
 template <class F>
 inline void ForKeys(const Chunk& c, F&& f) {
-  switch (c.leaf->kind) {
-    case Kind::kF32:
-      return ForKeysOf<Kind::kF32>(c, f);
-    case Kind::kU32:
-      return ForKeysOf<Kind::kU32>(c, f);
-    case Kind::kBF16:
-      return ForKeysOf<Kind::kBF16>(c, f);
-    case Kind::kF16:
-      return ForKeysOf<Kind::kF16>(c, f);
-  }
+  return WithKind(c.leaf->kind, [&](auto k) { return ForKeysOf<decltype(k)::value>(c, f); });
 }
 
 // Test hook, the call's `fault` attribute (0 in every real call): 1 throws std::bad_alloc on the
@@ -380,30 +389,11 @@ void HistogramLowOf(const Chunk& c, uint32_t bucket, uint32_t* h) {
 }
 
 int64_t Histogram(const Chunk& c, uint32_t* h) {
-  switch (c.leaf->kind) {
-    case Kind::kF32:
-      return HistogramOf<Kind::kF32>(c, h);
-    case Kind::kU32:
-      return HistogramOf<Kind::kU32>(c, h);
-    case Kind::kBF16:
-      return HistogramOf<Kind::kBF16>(c, h);
-    case Kind::kF16:
-      return HistogramOf<Kind::kF16>(c, h);
-  }
-  return 0;
+  return WithKind(c.leaf->kind, [&](auto k) { return HistogramOf<decltype(k)::value>(c, h); });
 }
 
 void HistogramLow(const Chunk& c, uint32_t bucket, uint32_t* h) {
-  switch (c.leaf->kind) {
-    case Kind::kF32:
-      return HistogramLowOf<Kind::kF32>(c, bucket, h);
-    case Kind::kU32:
-      return HistogramLowOf<Kind::kU32>(c, bucket, h);
-    case Kind::kBF16:
-      return HistogramLowOf<Kind::kBF16>(c, bucket, h);
-    case Kind::kF16:
-      return HistogramLowOf<Kind::kF16>(c, bucket, h);
-  }
+  return WithKind(c.leaf->kind, [&](auto k) { return HistogramLowOf<decltype(k)::value>(c, bucket, h); });
 }
 
 #ifdef JPRUNE_AVX512
@@ -540,57 +530,19 @@ JPRUNE_TARGET int64_t CountTiesAvx512(const Chunk& c, uint32_t t) {
 }
 
 void SplitFast(const Chunk& c, uint32_t lo, uint32_t hi, Undecided& out) {
-  switch (c.leaf->kind) {
-    case Kind::kF32:
-      return SplitAvx512<Kind::kF32>(c, lo, hi, out);
-    case Kind::kU32:
-      return SplitAvx512<Kind::kU32>(c, lo, hi, out);
-    case Kind::kBF16:
-      return SplitAvx512<Kind::kBF16>(c, lo, hi, out);
-    case Kind::kF16:
-      return SplitAvx512<Kind::kF16>(c, lo, hi, out);
-  }
+  return WithKind(c.leaf->kind, [&](auto k) { return SplitAvx512<decltype(k)::value>(c, lo, hi, out); });
 }
 
 int64_t WriteFast(const Chunk& c, uint32_t t, int64_t prune) {
-  switch (c.leaf->kind) {
-    case Kind::kF32:
-      return WriteAvx512<Kind::kF32>(c, t, prune);
-    case Kind::kU32:
-      return WriteAvx512<Kind::kU32>(c, t, prune);
-    case Kind::kBF16:
-      return WriteAvx512<Kind::kBF16>(c, t, prune);
-    case Kind::kF16:
-      return WriteAvx512<Kind::kF16>(c, t, prune);
-  }
-  return 0;
+  return WithKind(c.leaf->kind, [&](auto k) { return WriteAvx512<decltype(k)::value>(c, t, prune); });
 }
 
 void HistogramLowFast(const Chunk& c, uint32_t bucket, uint32_t* h) {
-  switch (c.leaf->kind) {
-    case Kind::kF32:
-      return HistogramLowAvx512<Kind::kF32>(c, bucket, h);
-    case Kind::kU32:
-      return HistogramLowAvx512<Kind::kU32>(c, bucket, h);
-    case Kind::kBF16:
-      return HistogramLowAvx512<Kind::kBF16>(c, bucket, h);
-    case Kind::kF16:
-      return HistogramLowAvx512<Kind::kF16>(c, bucket, h);
-  }
+  return WithKind(c.leaf->kind, [&](auto k) { return HistogramLowAvx512<decltype(k)::value>(c, bucket, h); });
 }
 
 int64_t CountTiesFast(const Chunk& c, uint32_t t) {
-  switch (c.leaf->kind) {
-    case Kind::kF32:
-      return CountTiesAvx512<Kind::kF32>(c, t);
-    case Kind::kU32:
-      return CountTiesAvx512<Kind::kU32>(c, t);
-    case Kind::kBF16:
-      return CountTiesAvx512<Kind::kBF16>(c, t);
-    case Kind::kF16:
-      return CountTiesAvx512<Kind::kF16>(c, t);
-  }
-  return 0;
+  return WithKind(c.leaf->kind, [&](auto k) { return CountTiesAvx512<decltype(k)::value>(c, t); });
 }
 #endif
 
