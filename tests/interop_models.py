@@ -358,3 +358,16 @@ class FlaxUpNet(nn.Module):
         return nn.ConvTranspose(6, (2, 2), strides=(2, 2), padding="VALID", use_bias=False, name="up2")(
             nn.relu(x)
         )
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes, to compare bit patterns (NaN payloads, -0.0) exactly."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_identical(a, b, ordered=True):
+    """Same keys (in the same order), and per key the same dtype, shape and bytes."""
+    assert list(a) == list(b) if ordered else sorted(a) == sorted(b)
+    for k in a:
+        assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape), k
+        assert torch.equal(raw(a[k]), raw(b[k])), k

@@ -19,6 +19,8 @@ from interop_models import (
     TorchBNNet,
     TorchLeNet,
     TorchTinyLM,
+    assert_identical,
+    raw,
     seed_pruned_lenet,
 )
 from jprune.interop import (
@@ -34,19 +36,6 @@ from jprune.interop._cli import main as cli
 from torch.nn.utils import prune
 
 import jprune as jp
-
-
-def raw(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_identical(a, b):
-    """Same keys in the same order, and per key the same dtype, shape and bytes."""
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert a[k].shape == b[k].shape, k
-        assert torch.equal(raw(a[k]), raw(b[k])), k
 
 
 def nhwc(x: torch.Tensor) -> np.ndarray:

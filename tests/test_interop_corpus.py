@@ -28,23 +28,13 @@ from interop_models import (
     TorchEmbedNet,
     TorchGPT2Block,
     TorchUpNet,
+    assert_identical,
+    raw,
 )
 from jprune.interop import convert, from_torch, load, load_pruned_state_dict, save, summarize, to_torch
 from torch.nn.utils import prune
 
 import jprune as jp
-
-
-def raw(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_identical(a, b, ordered=True):
-    """Same keys (in the same order), and per key the same dtype, shape and bytes."""
-    assert list(a) == list(b) if ordered else sorted(a) == sorted(b)
-    for k in a:
-        assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape), k
-        assert torch.equal(raw(a[k]), raw(b[k])), k
 
 
 def masks_of(sd) -> dict[str, torch.Tensor]:
