@@ -36,6 +36,7 @@ _BLOCK = 8192  # entries per program of a counting pass (its histogram: 16 int32
 _CHUNK = 256  # entries per loop step inside a program: a (256, 16) int32 accumulator
 _KEEP_BLOCK = 1024  # entries per program of the mask pass
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.uint32)
+_PLATFORM = "gpu"  # where they run compiled (tests set "cpu" and run them in interpret mode)
 
 
 @functools.cache
@@ -49,11 +50,11 @@ def _modules():
 
 def enabled() -> bool:
     """Whether the kernels are switched on (``JPRUNE_PALLAS=1``) and the backend is a GPU."""
-    return os.environ.get("JPRUNE_PALLAS", "0") == "1" and jax.default_backend() == "gpu"
+    return os.environ.get("JPRUNE_PALLAS", "0") == "1" and jax.default_backend() == _PLATFORM
 
 
 def usable(values, masks) -> bool:
-    """Whether the kernels take these arrays: switched on, float32/bfloat16/uint32 values, one device.
+    """Whether the kernels take these arrays: switched on, float32/bfloat16/uint32 values, one GPU.
 
     A ``pallas_call`` is not partitioned by XLA: on sharded arrays it would gather them, so under a
     trace (sharding unknown) it is used only when there is one device.
@@ -66,8 +67,10 @@ def usable(values, masks) -> bool:
         if isinstance(a, jax.core.Tracer):
             if jax.device_count() != 1:
                 return False
-        elif hasattr(a, "sharding") and len(a.sharding.device_set) != 1:
-            return False
+        elif hasattr(a, "sharding"):
+            devices = a.sharding.device_set
+            if len(devices) != 1 or next(iter(devices)).platform != _PLATFORM:  # e.g. committed to CPU
+                return False
     return all(v.dtype in _DTYPES for v in values)
 
 

@@ -148,7 +148,8 @@ def test_off_by_default_and_only_for_its_dtypes(monkeypatch):
     assert not _pallas.enabled()
     monkeypatch.setenv("JPRUNE_PALLAS", "1")
     assert _pallas.enabled() == (jax.default_backend() == "gpu")  # GPU only
-    monkeypatch.setattr(_pallas, "enabled", lambda: True)
+    monkeypatch.setattr(_pallas, "_PLATFORM", "cpu")  # as if this CPU were the GPU
+    assert _pallas.enabled()
     x = jnp.ones(4)
     assert _pallas.usable([x, x.astype(jnp.bfloat16), x.astype(jnp.uint32)], [None, x > 0, None])
     for dtype in (jnp.float16, jnp.int32, jnp.uint8):
@@ -181,7 +182,8 @@ def test_public_api_takes_the_pallas_path_when_switched_on(monkeypatch):
         return original(*args, **kw, interpret=True, **SMALL)
 
     original = _pallas.prune
-    monkeypatch.setattr(_pallas, "enabled", lambda: True)
+    monkeypatch.setenv("JPRUNE_PALLAS", "1")
+    monkeypatch.setattr(_pallas, "_PLATFORM", "cpu")  # as if this CPU were the GPU
     monkeypatch.setattr(_pallas, "prune", traced)
     for (name, f), wrap in zip(calls.items(), (jax.jit, lambda g: g, jax.jit)):
         used.clear()
