@@ -58,7 +58,8 @@ def steps():
     schedule = jp.polynomial_sparsity(0.6, begin_step=0, end_step=4)
 
     def train_step(params):
-        """One keep_pruned SGD step, then update_masks at step 2 (global, 0.6 * (1 - 1/2) ** 3)."""
+        """One keep_pruned SGD step from 25 % global masks, then update_masks at step 2 of a cubic
+        schedule to 60 % at step 4: global pruning to 52.5 %."""
         masks = jp.global_unstructured(params, 0.25)  # arrays on the kernels, None on the bias
         tx = jp.keep_pruned(optax.sgd(0.5, momentum=0.9), masks)
         state = tx.init(params)
