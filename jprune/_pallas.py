@@ -11,10 +11,11 @@ if entries tied at it are only partly pruned, eight more passes over their flat 
 last one pruned (only when there are such ties). A last kernel writes the masks.
 
 Unmeasured: no GPU was available to this work, so the kernels are tested in Pallas interpret mode
-on CPU only (``tests/test_pallas.py``: the XLA path's masks on every selection test input) and
-switched off by default. ``JPRUNE_PALLAS=1`` uses them on a GPU backend for float32/bfloat16 scores
-and random keys on one device; everything else (other dtypes, sharded arrays, other backends)
-takes the XLA path. ``bench/gpu_check.py`` checks and times them on a GPU.
+on CPU only (``tests/test_pallas.py``: the XLA path's masks on every selection test input with
+32-bit keys; and lowered for CUDA, through Pallas' Triton lowering) and switched off by default.
+``JPRUNE_PALLAS=1`` uses them on a GPU backend for float32/bfloat16 scores and random keys on one
+device; everything else (other dtypes, sharded arrays, other backends) takes the XLA path.
+``bench/gpu_check.py`` checks and times them on a GPU.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _hist_kernel(s_ref, x_ref, *refs, n, tie, masked, block, chunk):
     def step(j, acc):
         start = pl.multiple_of(j * chunk, chunk)
         pos = base + start + lax.iota(jnp.int32, chunk)
-        inside = pos < n
+        inside = (pos < n) & (pos >= 0)  # past the end (int32 wraps within a block of 2**31)
         key = _key(_load(x_ref.at[pl.ds(start, chunk)], inside, 0))
         ok = inside
         if masked:
@@ -123,7 +124,7 @@ def _keep_kernel(s_ref, x_ref, *refs, n, masked, block):
     m_ref, out_ref = (refs[0], refs[1]) if masked else (None, refs[0])
     t, last, off, live = s_ref[0], s_ref[1], s_ref[2], s_ref[3]
     pos = pl.program_id(0) * block + lax.iota(jnp.int32, block)
-    inside = pos < n
+    inside = (pos < n) & (pos >= 0)
     key = _key(_load(x_ref, inside, 0))
     flat = pos.astype(jnp.uint32) + off
     chosen = ((key < t) | ((key == t) & (flat <= last))) & (live != 0)
