@@ -159,8 +159,8 @@ def test_off_by_default_and_only_for_its_dtypes(monkeypatch):
 
 
 def test_public_api_takes_the_pallas_path_when_switched_on(monkeypatch):
-    """The dispatch hook: with the kernels switched on, global/per-leaf/random pruning run them (in
-    interpret mode here) and give the masks of the default path."""
+    """The dispatch hook: with the kernels switched on, L1 (re-pruning, jitted) and random (eager)
+    pruning run them (in interpret mode here) and give the masks of the default path."""
     rng = np.random.default_rng(4)
     params = {
         "a": {"kernel": jnp.asarray(rng.integers(-5, 6, (12, 10)).astype(np.float32))},
@@ -171,7 +171,6 @@ def test_public_api_takes_the_pallas_path_when_switched_on(monkeypatch):
     }
     calls = {
         "global": lambda p: jp.global_unstructured(p, 0.4, masks=jp.global_unstructured(p, 0.2)),
-        "l1": lambda p: jp.l1_unstructured(p, 0.3),
         "random": lambda p: jp.global_unstructured(p, 0.5, method="random", key=jax.random.key(1)),
     }
     want = {name: f(params) for name, f in calls.items()}
@@ -185,7 +184,7 @@ def test_public_api_takes_the_pallas_path_when_switched_on(monkeypatch):
     monkeypatch.setenv("JPRUNE_PALLAS", "1")
     monkeypatch.setattr(_pallas, "_PLATFORM", "cpu")  # as if this CPU were the GPU
     monkeypatch.setattr(_pallas, "prune", traced)
-    for (name, f), wrap in zip(calls.items(), (jax.jit, lambda g: g, jax.jit)):
+    for (name, f), wrap in zip(calls.items(), (jax.jit, lambda g: g)):
         used.clear()
         got = wrap(f)(params)
         assert used, f"{name}: the Pallas path was not taken"
