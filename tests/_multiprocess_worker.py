@@ -147,6 +147,11 @@ def main(process_id, port, outdir):
             for n in ("a/kernel", "b/kernel"):  # masks keep the params' sharding
                 a, b = flat[n].sharding, nest_get(out, n).sharding
                 assert b.is_equivalent_to(a, 2), (n, a, b)
+        if name == "global_again":  # eagerly (separate dispatches, host syncs): the same masks
+            for x, y in zip(jax.tree.leaves(f(params)), jax.tree.leaves(out)):
+                for s, t in zip(x.addressable_shards, y.addressable_shards):
+                    assert s.index == t.index, name
+                    np.testing.assert_array_equal(np.asarray(s.data), np.asarray(t.data), err_msg=name)
 
     # orbax: the sharded params and the train step's masks, saved and restored by both processes
     tree = {"params": results_tree(results, "train:params/"), "masks": results_tree(results, "train:masks/")}
