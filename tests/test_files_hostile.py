@@ -570,7 +570,9 @@ MALFORMED = {
         "expected jprune metadata",
     ),
     "orbax metadata bad recipe": (
-        lambda t: _orbax_with(t, "jprune/metadata", b'{"format": "jprune.interop/1", "recipe": 3}'),
+        lambda t: _orbax_with(
+            t, "jprune/metadata", json.dumps({"format": _files._FORMAT, "recipe": 3}).encode()
+        ),
         "recipe",
     ),
     "orbax state metadata garbage": (lambda t: _orbax_with(t, "state/_METADATA", b"{not json"), "orbax"),
