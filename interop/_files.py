@@ -10,6 +10,11 @@ refused before anything is read), every read is bounded by the file's size, and 
 checked (`_check_state_dict`, `_check_ckpt`) before anything uses it. A malformed file raises
 ValueError (or pickle.UnpicklingError, OSError) whose message starts with the path.
 
+Masks are stored packed (`_packed`: 1 bit per entry, deflated when shorter), in msgpack and
+orbax under `"packed"` (format `jprune.interop/2`; version 1 files, with bool masks, still load),
+in safetensors as uint8 records listed in the metadata `jprune.packed`; compact files hold only
+kept values (see `save`). Every record is checked before it is decoded, slice by slice.
+
 Writing goes through one atomic writer (`_atomic`): the new checkpoint is written into a temporary
 directory `.NAME.<pid>@<host>.<random>.tmp` next to the destination and moved onto it only once
 complete (`os.replace` for files; an atomic exchange, Linux `renameat2(RENAME_EXCHANGE)`, for
@@ -884,10 +889,21 @@ def _destination(path) -> str:
     return os.path.abspath(path.rstrip("/"))
 
 
-def check_destination(path) -> str:
-    """The format a save to ``path`` writes, after refusing a destination it may not replace."""
+def _check_compact(path: str, fmt: str) -> None:
+    if fmt == "pt":
+        raise ValueError(
+            f"{path}: a compact checkpoint is written as .safetensors, .msgpack or an orbax "
+            "directory (torch.load reads .pt files, and it knows no compact tensors)"
+        )
+
+
+def check_destination(path, *, compact: bool = False) -> str:
+    """The format a save to ``path`` writes, after refusing a destination it may not replace
+    (or, with `compact`, a format that cannot be compact)."""
     path = _destination(path)
     fmt = _format(path)
+    if compact:
+        _check_compact(path, fmt)
     _check_destination(path, fmt)
     return fmt
 
@@ -903,9 +919,22 @@ def save(obj, path, *, compact: bool = False) -> None:
     (key order kept); a checkpoint dict (as `from_torch` returns) goes to `.msgpack` or an orbax
     directory.
 
+    `.msgpack`, orbax and `.safetensors` store masks packed (see `_packed`): 1 bit per entry,
+    deflated when that is shorter, plus a header of ~40 bytes; `load` gives back exactly what was
+    saved (a float `X_mask` of a state_dict too, bit for bit; one that is not all 0/1 stays dense).
+
+    With `compact=True` only what the effective weights need is stored: a masked leaf (a state_dict's
+    `X_orig` with its `X_mask`) keeps only its kept values plus its packed mask, and an unmasked
+    leaf at least half zeros (e.g. after `jprune.remove`) keeps only its nonzero values plus where
+    they are. The values of pruned entries are dropped: they load as zeros, so `apply_masks` (and
+    torch's `X_orig * X_mask`) gives the same effective weights and every output is the same, but
+    `X_orig` itself is not the saved one; zeros come back as +0.0 (a -0.0 left by `remove` loses
+    its sign). Loading gives an ordinary checkpoint dict or state_dict.
+
     Args:
       obj: a state_dict (str -> Tensor) or a checkpoint dict with `params`.
       path: the output path; its extension picks the format.
+      compact: store only the kept values (not for `.pt`/`.pth`, which `torch.load` reads).
 
     Raises:
       ValueError: an unknown extension; a destination that is not a checkpoint of that format;
@@ -920,6 +949,10 @@ def save(obj, path, *, compact: bool = False) -> None:
       >>> save({"params": {"w": np.ones(2, np.float32)}, "masks": {"w": None}}, path)
       >>> load(path)["masks"]
       {'w': None}
+      >>> w = np.arange(1000, dtype=np.float32)
+      >>> save({"params": {"w": w}, "masks": {"w": w % 10 == 0}}, path, compact=True)
+      >>> os.path.getsize(path) < w.nbytes // 7, load(path)["params"]["w"][:11].tolist()
+      (True, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0])
     """
     path = _destination(path)
     fmt = _format(path)
@@ -939,11 +972,8 @@ def save(obj, path, *, compact: bool = False) -> None:
             )
         obj = _check_ckpt(_numpy_tree(dict(obj)), path)
         write = _save_orbax if fmt == "orbax" else _save_msgpack
-    if compact and fmt == "pt":
-        raise ValueError(
-            f"{path}: a compact checkpoint is written as .safetensors, .msgpack or an orbax "
-            "directory (torch.load reads .pt files, and it knows no compact tensors)"
-        )
+    if compact:
+        _check_compact(path, fmt)
     _check_destination(path, fmt)
     _clean_orphans(path)
     with _atomic(path, directory=fmt == "orbax") as tmp:
