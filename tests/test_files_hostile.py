@@ -684,13 +684,13 @@ FUZZ["safetensors-compact"] = ("safetensors", True)
 
 def _compact_source(fmt, path):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(12, 20, generator=g)
+    w = torch.randn(40, 50, generator=g)
     mask = (w.abs() > 1.6).float()
-    zeros = torch.randn(60, generator=g) * (torch.arange(60) % 4 == 0)
+    zeros = torch.randn(400, generator=g) * (torch.arange(400) % 9 == 0)
     if fmt == "safetensors":
         save({"fc.weight_orig": w, "fc.weight_mask": mask, "z": zeros}, path, compact=True)
     else:
-        params = {"fc": {"kernel": w.T.numpy(), "bias": np.ones(12, np.float32)}, "z": zeros.numpy()}
+        params = {"fc": {"kernel": w.T.numpy(), "bias": np.ones(40, np.float32)}, "z": zeros.numpy()}
         masks = {"fc": {"kernel": mask.T.numpy() > 0, "bias": None}, "z": None}
         save({"params": params, "masks": masks}, path, compact=True)
     return path
