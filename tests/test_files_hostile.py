@@ -679,7 +679,7 @@ _FUZZ_SOURCES = {}
 
 # The compact formats: a 90 %-pruned tensor (deflated mask, kept values), a mostly-zero one.
 FUZZ = {**{fmt: (fmt, False) for fmt in EXT}, "msgpack-compact": ("msgpack", True)}
-FUZZ["safetensors-compact"] = ("safetensors", True)
+FUZZ.update({"safetensors-compact": ("safetensors", True), "orbax-compact": ("orbax", True)})
 
 
 def _compact_source(fmt, path):
