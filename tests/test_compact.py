@@ -452,6 +452,16 @@ def test_version_1_files_still_load(tmp_path):
     path = tmp_path / "old.msgpack"
     path.write_bytes(serialization.msgpack_serialize(ckpt))
     same_tree(load(path), ckpt)
+    # an orbax directory as version 1 wrote it: bool masks under "masks"
+    import orbax.checkpoint as ocp
+
+    meta = {"format": "jprune.interop/1", "recipe": None}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
+        c.save(
+            tmp_path / "old",
+            ocp.args.Composite(state=ocp.args.PyTreeSave(ckpt), jprune=ocp.args.JsonSave(meta)),
+        )
+    same_tree(load(tmp_path / "old"), ckpt)
 
 
 # ------------------------------------------------------------------------------------------- CLI
