@@ -360,19 +360,22 @@ def _unpack_tensor(path: str, key: str, t: torch.Tensor, fold) -> dict:
             f"{name}: a {kind!r} record, but the metadata {'names' if fold else 'does not name'} "
             "a mask folded into it"
         )
-    values, mask = _packed.unpack(record, name)
+    mask_dtype = None
+    if fold is not None:
+        try:
+            mask_dtype = _arrays.to_numpy(torch.empty(0, dtype=_arrays.torch_dtype(fold[1]))).dtype
+        except ValueError:
+            mask_dtype = None
+        if mask_dtype is None or not _packed.supported(mask_dtype):
+            raise ValueError(
+                f"{name}: the mask folded into it has dtype {fold[1]!r}, not a torch dtype it can hold"
+            )
+    values, mask = _packed.unpack(record, name, mask_dtype=mask_dtype)
     if kind == "mask":
         return {key: _arrays.from_numpy(mask)}
     out = {key: _arrays.from_numpy(values)}
     if fold is not None:
-        mask_key, dtype_name = fold
-        try:
-            dtype = _arrays.torch_dtype(dtype_name)
-        except ValueError:
-            raise ValueError(
-                f"{name}: the mask folded into it has dtype {dtype_name!r}, not a torch dtype"
-            ) from None
-        out[mask_key] = torch.from_numpy(mask).to(dtype)
+        out[fold[0]] = _arrays.from_numpy(mask)
     return out
 
 

@@ -171,8 +171,6 @@ def header(record, name: str) -> Header:
     shape = tuple(_DIM.unpack_from(buf, _HEAD.size + _DIM.size * i)[0] for i in range(ndim))
     h = Header(KINDS[kind], _np_dtype(_DTYPES[code]), shape, kept, len(buf), mask_nbytes, encoding, start)
     values_nbytes = 0 if h.kind == "mask" else kept * h.dtype.itemsize
-    if h.kind != "mask" and not (h.dtype.kind in "biuf" or h.dtype.kind == "V"):
-        raise ValueError(f"{name}: packed record of kind {h.kind} with dtype {h.dtype}")
     if h.dense_nbytes + h.size > _memory():
         raise ValueError(f"{name}: declares shape {shape} of {h.dtype}, more than this machine's memory")
     if kept > h.size:
@@ -226,9 +224,10 @@ def _bit_slices(buf: memoryview, h: Header, name: str):
         )
 
 
-def unpack(record, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+def unpack(record, name: str, *, mask_dtype=None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Decodes a record: `(None, mask)` for kind "mask" (the mask in its recorded dtype),
-    `(values, bool mask)` for "values" (zeros where pruned), `(values, None)` for "zeros".
+    `(values, mask)` for "values" (zeros where pruned; the mask bool, or `mask_dtype`),
+    `(values, None)` for "zeros". The outputs are the only full-size arrays it allocates.
 
     Raises:
       ValueError: naming `name`, for a malformed header, sizes that disagree with the record's
@@ -238,10 +237,8 @@ def unpack(record, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     h = header(record, name)
     buf = memoryview(record).cast("B")
     n = h.size
-    # the bool mask is decoded straight into its output (a scratch slice for "zeros"; a torch
-    # float mask is filled from it slice by slice)
-    mask = np.empty(n, np.bool_) if h.kind == "values" or h.dtype == np.bool_ else None
-    other = np.zeros(n, h.dtype) if h.kind == "mask" and h.dtype != np.bool_ else None
+    mask_dtype = np.dtype(h.dtype if h.kind == "mask" else mask_dtype or np.bool_)
+    mask = None if h.kind == "zeros" else np.empty(n, mask_dtype)
     values = None if h.kind == "mask" else np.zeros(n, h.dtype)
     if values is not None:
         kept_values = np.frombuffer(buf[h.start + h.mask_nbytes :], np.uint8).view(h.dtype)
@@ -258,13 +255,9 @@ def unpack(record, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
             raise ValueError(f"{name}: the mask keeps more than the {h.kept} entries its record declares")
         if values is not None:
             np.place(values[pos : pos + count], chunk, kept_values[seen : seen + k])
-        elif other is not None:
-            other[pos : pos + count] = chunk
         pos, seen = pos + count, seen + k
     if seen != h.kept:
         raise ValueError(f"{name}: the mask keeps {seen} entries, its record declares {h.kept}")
-    if other is not None:
-        return None, other.reshape(h.shape)
     return (
         None if values is None else values.reshape(h.shape),
         None if h.kind == "zeros" else mask.reshape(h.shape),
