@@ -800,7 +800,7 @@ def _packed_tensors(sd: Mapping, compact: bool) -> tuple[dict, dict]:
             continue
         if compact:
             v = _arrays.to_numpy(value.detach().cpu().contiguous())
-            nonzero = _packed._mostly_zero(v)
+            nonzero = _packed.mostly_zero(v)
             if nonzero is not None:
                 tensors[key], packed[key] = record(_packed.pack_values(v, nonzero, kind="zeros")), None
                 continue

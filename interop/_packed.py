@@ -38,7 +38,7 @@ KINDS = ("mask", "values", "zeros")
 _HEAD = struct.Struct("<4sBBBBBxxxQQ")  # magic, version, kind, dtype, ndim, encoding; kept, mask bytes
 _DIM = struct.Struct("<Q")
 _MAX_NDIM = 32
-_ZLIB_LEVEL = 1  # measured (bench_compact): level 6 saves 4 % of the mask for 8x the time
+_ZLIB_LEVEL = 1  # measured on a 90 %-pruned 1e8 mask: level 6 saves 4 % of its bytes for 8x the time
 _SLICE = 1 << 16  # packed mask bytes decoded at a time (512 Ki entries: stays in cache)
 
 # Codes are part of the format: append, never reorder.
@@ -219,7 +219,7 @@ def _bit_slices(buf: memoryview, h: Header, name: str):
         raise ValueError(f"{name}: damaged mask stream ({e})") from None
     if got != want or not z.eof or z.unused_data or z.unconsumed_tail or at != len(data):
         raise ValueError(
-            f"{name}: the mask stream holds {'more than ' if got >= want else ''}{got} bytes "
+            f"{name}: the mask stream holds {f'more than {want}' if got > want else got} bytes "
             f"{'' if z.eof else '(incomplete) '}for {h.size} entries ({want} bytes) (truncated or damaged?)"
         )
 
@@ -267,7 +267,7 @@ def unpack(record, name: str, *, mask_dtype=None) -> tuple[np.ndarray | None, np
 # ------------------------------------------------------------------------- checkpoints and files
 
 
-def _mostly_zero(p: np.ndarray) -> np.ndarray | None:
+def mostly_zero(p: np.ndarray) -> np.ndarray | None:
     """The nonzero entries of an unmasked leaf at least half zeros (one a "zeros" record makes
     smaller), else None."""
     if p.dtype == np.bool_ or not supported(p.dtype) or p.size == 0:
@@ -290,7 +290,7 @@ def pack_ckpt(ckpt: Mapping, *, compact: bool, blob=bytes) -> dict:
         record = None
         if compact and m is not None and supported(p.dtype):
             record, p = pack_values(p, m), None
-        elif compact and m is None and (nonzero := _mostly_zero(p)) is not None:
+        elif compact and m is None and (nonzero := mostly_zero(p)) is not None:
             record, p = pack_values(p, nonzero, kind="zeros"), None
         elif m is not None:
             record = pack_mask(m)
