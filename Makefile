@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: setup kernel test demo bench bench-interop bench-train lint clean
+.PHONY: setup kernel test demo bench bench-interop bench-compact bench-train lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench: setup
 
 bench-interop: setup
 	$(BIN)/python bench/bench_interop.py
+
+bench-compact: setup
+	$(BIN)/python bench/bench_compact.py
 
 bench-train: setup
 	$(BIN)/python bench/bench_train.py

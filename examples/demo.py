@@ -99,7 +99,7 @@ def plot(path, results, dense_acc, gradual, layer_bars):
 def export_to_torch(params, masks, x_test, out_dir):
     """Step 4: jprune -> torch checkpoint -> torch LeNet; returns (agreement, path, torch preds)."""
     import torch
-    from jprune.interop import load_pruned_state_dict, to_torch
+    from jprune.interop import load_pruned_state_dict, save, to_torch
 
     ckpt = {
         "params": jax.tree.map(np.asarray, params),
@@ -108,6 +108,12 @@ def export_to_torch(params, masks, x_test, out_dir):
     state_dict = to_torch(ckpt)
     path = os.path.join(out_dir, "lenet_pruned90.pt")
     torch.save(state_dict, path)
+    compact = os.path.join(out_dir, "lenet_pruned90.compact.msgpack")  # kept values + packed masks
+    save(ckpt, compact, compact=True)
+    print(
+        f"checkpoint sizes: torch .pt {os.path.getsize(path)} B (weight_orig + float32 weight_mask), "
+        f"compact {os.path.getsize(compact)} B ({compact})"
+    )
 
     model = lenet.torch_lenet()
     load_pruned_state_dict(model, torch.load(path, weights_only=True))
