@@ -195,7 +195,7 @@ def main(argv=None):
     # ft_epochs, re-pruning every 10 steps inside the jitted step, then as long again at 90 %.
     steps_per_epoch = len(x_tr) // args.batch_size
     prune_steps = max(args.ft_epochs * steps_per_epoch - 1, 1)
-    schedule = jp.polynomial_sparsity(0.9, 0, prune_steps, frequency=min(10, prune_steps))
+    schedule = jp.polynomial_sparsity(0.9, 0, prune_steps)
     gradual_step = lenet.make_train_step(ft_tx, schedule, frequency=min(10, prune_steps))
     g_params, g_masks = train(
         params, all_kept, gradual_step, ft_tx, data, epochs=2 * args.ft_epochs,
