@@ -55,6 +55,7 @@ __all__ += [
     "KeepPrunedState",
     "get_masks",
     "keep_pruned",
+    "nnx",
     "one_shot_sparsity",
     "polynomial_sparsity",
     "prune_to_sparsity",

@@ -9,7 +9,9 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 
+import jax
 import jax.numpy as jnp
 
 from . import _amount
@@ -87,14 +89,19 @@ def erk_densities(sparsity, shapes: Sequence[tuple[int, ...]]):
 def erk(sparsity, shapes: Sequence[tuple[int, ...]]) -> list:
     """Pruned counts per leaf for ERK densities, summing to ``round(sparsity * N)`` exactly: each
     leaf gets the floor of its share, the rest go one each to the largest remainders."""
-    sizes = [math.prod(s) for s in shapes]
-    total = target_count(sparsity, sum(sizes))
-    dens = erk_densities(sparsity if _amount.is_traced(sparsity) else float(sparsity), shapes)
-    share = (1.0 - dens) * jnp.asarray(sizes, jnp.float32)
-    base = jnp.minimum(jnp.floor(share).astype(jnp.int32), jnp.asarray(sizes, jnp.int32))
-    room = (dens < 1.0) & (base < jnp.asarray(sizes, jnp.int32))
-    rest = jnp.clip(total - jnp.sum(base), 0, len(sizes))
+    total = target_count(sparsity, sum(math.prod(s) for s in shapes))
+    counts = _erk_counts(jnp.asarray(sparsity, jnp.float32), total, tuple(tuple(s) for s in shapes))
+    return [counts[i] for i in range(len(shapes))]
+
+
+@partial(jax.jit, static_argnames="shapes")
+def _erk_counts(sparsity, total, shapes):
+    sizes = jnp.asarray([math.prod(s) for s in shapes], jnp.int32)
+    dens = erk_densities(sparsity, shapes)
+    share = (1.0 - dens) * sizes.astype(jnp.float32)
+    base = jnp.minimum(jnp.floor(share).astype(jnp.int32), sizes)
+    room = (dens < 1.0) & (base < sizes)
+    rest = jnp.clip(total - jnp.sum(base), 0, len(shapes))
     order = jnp.argsort(jnp.where(room, -(share - jnp.floor(share)), jnp.inf), stable=True)
-    rank = jnp.zeros(len(sizes), jnp.int32).at[order].set(jnp.arange(len(sizes), dtype=jnp.int32))
-    counts = base + ((rank < rest) & room).astype(jnp.int32)
-    return [counts[i] for i in range(len(sizes))]
+    rank = jnp.zeros(len(shapes), jnp.int32).at[order].set(jnp.arange(len(shapes), dtype=jnp.int32))
+    return base + ((rank < rest) & room).astype(jnp.int32)

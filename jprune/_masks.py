@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._nm import _check as check_pattern
 from ._tree import Tree, effective, is_array, path_str
 
 
@@ -172,6 +173,7 @@ def sparsity(masks, params=None, *, pattern: tuple[int, int] = (2, 4)) -> Sparsi
       -------------------------------------------------------------------
       global           8          16    50.00%  ##########..........
     """
+    check_pattern(*pattern)
     if params is None:
         flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)
         items = [(path_str(p), m, np.size(m)) for p, m in flat if m is not None]

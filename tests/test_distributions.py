@@ -82,7 +82,7 @@ def test_erk_keeps_layers_dense_that_would_exceed_density_one():
         assert abs(n_pruned - (1 - d) * math.prod(s)) < 1.01
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     dims=st.lists(st.tuples(st.integers(1, 24), st.integers(1, 24)), min_size=1, max_size=6),
     sparsity=st.floats(0.0, 1.0),
@@ -162,11 +162,11 @@ _capped = jax.jit(
 )  # one compile per cap
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     sparsity=st.floats(0.0, 0.6),
-    cap=st.sampled_from([0.6, 0.75, 1.0]),
+    cap=st.just(0.65),  # one compile (max_sparsity is static); the scales make the caps bind or not
     scales=st.lists(st.floats(0.01, 100.0), min_size=4, max_size=4),
 )
 def test_global_with_max_sparsity_matches_greedy_reference(seed, sparsity, cap, scales):

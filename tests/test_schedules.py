@@ -120,7 +120,7 @@ def test_any_optax_schedule_drives_update_masks(schedule):
         masks = new
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     begin=st.integers(0, 20),
     span=st.integers(1, 40),

@@ -107,10 +107,8 @@ def test_export_to_torch_keeps_the_semi_structured_pattern():
 
     rng = np.random.default_rng(0)
     params = {"fc": {"kernel": jnp.asarray(tie_free(rng, (32, 16))), "bias": jnp.zeros(16)}}
-    schedule = jp.polynomial_sparsity(0.5, 0, 4)
-    masks = jp.identity(params)
-    for t in range(5):
-        params, masks = jp.update_masks(params, masks, t, schedule, pattern=(2, 4))
+    masks = jp.prune_to_sparsity(params, 0.25, pattern=(2, 4))  # a ramp: part way, then the pattern
+    masks = jp.prune_to_sparsity(params, 0.5, masks=masks, pattern=(2, 4))
     sd = to_torch({"params": jax.tree.map(np.asarray, params), "masks": jax.tree.map(np.asarray, masks)})
     mask = sd["fc.weight_mask"].numpy()
     assert mask.shape == (16, 32)  # torch (out, in)
