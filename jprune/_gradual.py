@@ -151,13 +151,15 @@ def prune_to_sparsity(
     if pattern is None:
         cands = live
     else:
-        n, m = pattern
+        group_n, group_m = pattern
         if is_tracer(sparsity):
-            sparsity = jnp.minimum(sparsity, n / m)
-        elif sparsity > n / m:
-            raise ValueError(f"sparsity {sparsity} is above {n}/{m}: the N:M pattern prunes no more")
+            sparsity = jnp.minimum(sparsity, group_n / group_m)
+        elif sparsity > group_n / group_m:
+            raise ValueError(
+                f"sparsity {sparsity} is above {group_n}/{group_m}: the N:M pattern prunes no more"
+            )
         chosen = {tree.paths[i] for i in idx}
-        nm = n_m_unstructured(params, n, m, masks=masks, select=lambda p, _: p in chosen)
+        nm = n_m_unstructured(params, group_n, group_m, masks=masks, select=lambda p, _: p in chosen)
         nm = tree.align(nm, "masks")
         # candidates: what is still there and the pattern would prune
         cands = [
