@@ -73,7 +73,9 @@ def check_tree(tree: Tree, groups: Groups, what: str):
             )
 
 
-def group_structured(tree, amount, groups: Groups, n=2, masks=None, scope="global", importance_scores=None):
+def group_structured(
+    tree, amount, groups: Groups, n=2, masks=None, scope="global", importance_scores=None, select=None
+):
     """Prune whole channels of coupled groups: every slice of a pruned channel, in every member.
 
     A channel's importance is the Ln norm of all its coupled slices together (the kernel's output
@@ -98,6 +100,9 @@ def group_structured(tree, amount, groups: Groups, n=2, masks=None, scope="globa
       masks: current masks (mirroring ``tree``) or None.
       scope: ``"global"`` or ``"layer"``.
       importance_scores: a pytree like ``tree`` (None leaves: not counted).
+      select: which prunable groups to prune: None (all), a list of group ids, or a predicate on a
+        ``Group`` (e.g. ``lambda g: "attention" in g.name``). A Linen ``MultiHeadDotProductAttention``
+        has one head size for q, k and v, so prune its heads group, not its value-dims group.
 
     Returns:
       Masks mirroring ``tree``: bool arrays on every member of a pruned group, None (or the incoming
@@ -122,12 +127,19 @@ def group_structured(tree, amount, groups: Groups, n=2, masks=None, scope="globa
     p = _check_n(n)
     t = Tree(tree, masks, importance_scores)
     check_tree(t, groups, "group_structured")
-    todo = groups.prunable
+    todo = _chosen(groups, select)
     if not todo:
         return t.with_masks({})
     values = [as_array(path, v) for path, v in zip(t.paths, t.values)]
     keys, cands, live, room = _rank(
-        values, t.masks, t.scores, groups=groups, p=p, scope=scope, use_scores=importance_scores is not None
+        values,
+        t.masks,
+        t.scores,
+        groups=groups,
+        todo=todo,
+        p=p,
+        scope=scope,
+        use_scores=importance_scores is not None,
     )
     traced = isinstance(live[0], jax.core.Tracer) or _amount.is_traced(amount)
     bits = 8 * keys[0].dtype.itemsize
@@ -153,19 +165,36 @@ def group_structured(tree, amount, groups: Groups, n=2, masks=None, scope="globa
                 f"a group: at most {int(room)} can be pruned (all but one per group)"
             )
         k = jnp.minimum(jnp.asarray(k, jnp.int32), room)
-        sources = [(_select.given, (x, c)) for x, c in zip(keys, cands)]
-        keeps = _select.prune_groups([sources], [k], bits=bits)[0]
-    new = _build(keeps, cands, t.masks, groups=groups, scope=scope)
+        # one source (fewer kernels to compile): flat order is group order, then channel index
+        (flat,) = _select.prune_smallest(
+            [(_select.given, (jnp.concatenate(keys), jnp.concatenate(cands)))], k, bits=bits
+        )
+        keeps = jnp.split(flat, np.cumsum([g.width for g in todo])[:-1].tolist())
+    new = _build(keeps, cands, t.masks, groups=groups, todo=todo, scope=scope)
     return t.with_masks(new)
 
 
-@partial(jax.jit, static_argnames=("groups", "p", "scope", "use_scores"))
-def _rank(values, masks, scores, *, groups, p, scope, use_scores):
+def _chosen(groups: Groups, select) -> tuple[Group, ...]:
+    if select is None:
+        return groups.prunable
+    if callable(select):
+        return tuple(g for g in groups.prunable if select(g))
+    ids = list(select)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(groups):
+            raise ValueError(f"select: {i!r} is not a group id (0..{len(groups) - 1})")
+        if not groups[i].prunable:
+            raise ValueError(f"select: group {i} ({groups[i].name}) is not prunable: {groups[i].reason}")
+    return tuple(g for g in groups.prunable if g.id in ids)
+
+
+@partial(jax.jit, static_argnames=("groups", "todo", "p", "scope", "use_scores"))
+def _rank(values, masks, scores, *, groups, todo, p, scope, use_scores):
     """Per prunable group: selection keys, candidates, remaining channels; and (global) how many
     channels may go in all."""
     index = {path: i for i, path in enumerate(groups.paths)}
     imps, dead = [], []
-    for g in groups.prunable:
+    for g in todo:
         total = None
         for m in g.members:
             i = index[m.path]
@@ -201,12 +230,12 @@ def _rank(values, masks, scores, *, groups, p, scope, use_scores):
     return keys, cands, live, room
 
 
-@partial(jax.jit, static_argnames=("groups", "scope"))
-def _build(keeps, cands, masks, *, groups, scope):
+@partial(jax.jit, static_argnames=("groups", "todo", "scope"))
+def _build(keeps, cands, masks, *, groups, todo, scope):
     """The masks of every member: its pruned channels' slices False, AND the incoming mask."""
     index = {path: i for i, path in enumerate(groups.paths)}
     new = {}
-    for g, keep, cand in zip(groups.prunable, keeps, cands):
+    for g, keep, cand in zip(todo, keeps, cands):
         if scope == "global":  # the spared channel is not a candidate: keep it (and no dead one)
             keep = keep | (~cand & ~removed(g, masks, index))
         for m in g.members:

@@ -523,17 +523,65 @@ class _Analysis:
                 out.append(self.fresh((eqn.outvars[0].aval.shape[d],), "pad output")[0])
         return [tuple(out)]
 
+    def cut(self, lab, size, bounds, what):
+        """Labels of the pieces ``[a, b)`` of an axis: a whole space is split into one space per
+        piece (and the rest); any other labelled axis is pinned."""
+        lab = self.resolve(lab)
+        if lab is None:
+            return [None] * len(bounds)
+        if len(lab) == 1 and lab[0][1] is None:
+            edges = sorted({0, size, *(x for ab in bounds for x in ab)})
+            pieces = {(a, b): self.new(b - a) for a, b in zip(edges, edges[1:])}
+            parts = tuple((n, np.arange(a, b)[:, None]) for (a, b), n in pieces.items())
+            self.dissolve(lab[0][0], parts, what)
+            out = []
+            for a, b in bounds:
+                inside = [((pieces[e]), None) for e in pieces if a <= e[0] and e[1] <= b]
+                if len(inside) == 1:
+                    out.append(tuple(inside))
+                else:  # a piece made of several spaces: concatenated at offsets
+                    parts, off = [], 0
+                    for n, _ in inside:
+                        parts.append((n, np.arange(self.width[n])[:, None] + off))
+                        off += self.width[n]
+                    out.append(tuple(parts))
+            return out
+        self.pin(lab, f"{what} along the channels")
+        return [self.fresh((b - a,), f"{what} output")[0] for a, b in bounds]
+
     def op_slice(self, eqn, ins, shapes):
         p = eqn.params
         out = []
         for d, (a, b) in enumerate(zip(p["start_indices"], p["limit_indices"])):
-            full = a == 0 and b == shapes[0][d] and (p["strides"] is None or p["strides"][d] == 1)
-            if full:
+            step = 1 if p["strides"] is None else p["strides"][d]
+            if a == 0 and b == shapes[0][d] and step == 1:
                 out.append(ins[0][d])
+            elif step == 1:
+                out.append(self.cut(ins[0][d], shapes[0][d], [(a, b)], "slice")[0])
             else:
-                self.pin(ins[0][d], "slice along the channels")
+                self.pin(ins[0][d], "a strided slice along the channels")
                 out.append(self.fresh((eqn.outvars[0].aval.shape[d],), "slice output")[0])
         return [tuple(out)]
+
+    def op_split(self, eqn, ins, shapes):
+        axis, sizes = eqn.params["axis"], eqn.params["sizes"]
+        edges = np.cumsum([0, *sizes]).tolist()
+        pieces = self.cut(ins[0][axis], shapes[0][axis], list(zip(edges, edges[1:])), "split")
+        return [ins[0][:axis] + (lab,) + ins[0][axis + 1 :] for lab in pieces]
+
+    def op_rev(self, eqn, ins, shapes):
+        dims = eqn.params["dimensions"]
+        for d in dims:
+            self.pin(ins[0][d], "rev (reversal) along the channels")
+        v = eqn.invars[0]
+        if not isinstance(v, jcore.Literal) and v in self.zview:
+            self.zview[eqn.outvars[0]] = self.zview[v]
+        return [
+            tuple(
+                self.fresh((s,), "rev output")[0] if d in dims else a
+                for d, (a, s) in enumerate(zip(ins[0], shapes[0]))
+            )
+        ]
 
     def op_iota(self, eqn, ins, shapes):
         return [self.fresh(eqn.outvars[0].aval.shape, "iota")]

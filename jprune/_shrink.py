@@ -29,9 +29,9 @@ def shrink(tree, masks, groups: Groups):
       ``(small_tree, widths)``: the effective variables (``tree * masks``) with the removed channels
       sliced out, same structure; and ``widths``, a dict from each module path touched by a prunable
       group (``"params/Conv_0"``) to its new feature count: the sizes of its kernel's output axes (an
-      int, or a tuple for a multi-axis DenseGeneral), or of its coupled axis for a module without a
-      kernel (a norm, a depthwise conv). Rebuild a Linen module whose widths are constructor
-      arguments from it.
+      int, or a tuple for a multi-axis DenseGeneral), the features of an ``embedding`` (its last
+      axis), or the coupled axis of a module without a kernel (a norm, a depthwise conv). Rebuild a
+      Linen module whose widths are constructor arguments from it.
 
     Raises:
       TypeError: traced masks.
@@ -113,6 +113,10 @@ def _widths(groups: Groups, leaves):
     widths = {}
     for mod in module:
         pairs = outs.get(mod) or coupled[mod]
+        embeds = [i for i, _ in coupled[mod] if groups.paths[i].rsplit("/", 1)[-1] == "embedding"]
+        if embeds:  # Flax Embed: (num_embeddings, features); attend makes the vocab an output axis
+            widths[mod] = np.shape(leaves[embeds[0]])[-1]
+            continue
         first = min(i for i, _ in pairs)
         sizes = tuple(np.shape(leaves[first])[a] for a in sorted({a for i, a in pairs if i == first}))
         widths[mod] = sizes[0] if len(sizes) == 1 else sizes

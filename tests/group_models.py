@@ -80,6 +80,33 @@ class ConcatNet(nn.Module):
         return nn.Dense(2)(x)
 
 
+class Transformer(nn.Module):
+    """Pre-LN Transformer block: attention heads and the MLP hidden layer are prunable groups."""
+
+    heads: int = 4
+    head_dim: int = 3
+    hidden: int = 16
+
+    @nn.compact
+    def __call__(self, x):
+        att = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.heads * self.head_dim)
+        x = x + att(nn.LayerNorm()(x))
+        return x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.hidden)(nn.LayerNorm()(x))))
+
+
+class TiedLM(nn.Module):
+    """Token embedding tied to the output head (``embed.attend``): the features axis is prunable."""
+
+    d: int = 6
+    hidden: int = 7
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(11, self.d)
+        h = nn.relu(nn.Dense(self.hidden, name="up")(embed(ids)))
+        return embed.attend(nn.Dense(self.d, name="down")(h))
+
+
 def _init(module, x, seed=0):
     """Random variables of the module's shapes (numpy: no compile), running variances positive."""
     shapes = jax.eval_shape(module.init, jax.random.key(0), x)

@@ -238,3 +238,27 @@ def test_print_table_and_nnx():
 def test_refuses_non_array_leaf():
     with pytest.raises(TypeError, match="'w'"):
         jp.channel_groups(lambda t, x: x, {"w": "text"}, jnp.ones(2))
+
+
+def test_fused_qkv_split_into_heads():
+    """One Dense makes q, k and v; jnp.split and a reshape into heads: each head's columns of the
+    fused kernel (three blocks) form one group with the out projection's rows."""
+
+    class Fused(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            b, t, d = x.shape
+            q, k, v = jnp.split(nn.Dense(3 * 6, name="qkv")(x), 3, axis=-1)
+            q, k, v = (a.reshape(b, t, 2, 3) for a in (q, k, v))
+            w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+            o = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, t, 6)
+            return x + nn.Dense(d, name="out")(o)
+
+    x = jnp.ones((1, 4, 5))
+    v = Fused().init(jax.random.key(0), x)
+    groups = jp.channel_groups(Fused().apply, v, x)
+    (heads,) = [g for g in groups.prunable if g.width == 2]
+    cols = sorted(m.index.ravel().tolist() for m in heads.members if m.path == "params/qkv/kernel")
+    assert cols == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17]]  # q, k, v blocks
+    rows = [m for m in heads.members if m.path == "params/out/kernel"]
+    assert len(rows) == 1 and rows[0].index.tolist() == [[0, 1, 2], [3, 4, 5]]

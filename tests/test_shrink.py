@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from group_models import MODELS, _init, build
+from group_models import MODELS, TiedLM, Transformer, _init, build
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -247,3 +247,53 @@ def test_untouched_and_nothing_prunable():
     )
     small, widths = jp.shrink(v, None, groups)
     assert widths == {} and jax.tree.map(jnp.shape, small) == jax.tree.map(jnp.shape, v)
+
+
+def test_transformer_heads_shrink():
+    """Prune whole heads (q/k/v/out together) and MLP hidden units, rebuild with fewer heads."""
+    x = jax.random.normal(jax.random.key(3), (2, 5, 8))
+    module = Transformer()
+    v = _init(module, x)
+    groups = jp.channel_groups(module.apply, v, x)
+    att = "params/MultiHeadDotProductAttention_0/"
+    names = (f"{att}query/kernel[1]", "params/Dense_1/kernel[1]")  # the heads; the MLP hidden units
+
+    def wanted(g):
+        return any(str(m) in names for m in g.members)
+
+    assert len([g for g in groups.prunable if wanted(g)]) == 2
+    masks = jp.group_structured(v, 0.5, groups, select=wanted)
+    small, widths = jp.shrink(v, masks, groups)
+    heads, head_dim = widths[f"{att}query"]
+    assert (heads, head_dim) == (2, 3) and widths["params/Dense_1"] == 8
+    rebuilt = Transformer(heads, head_dim, widths["params/Dense_1"])
+    want = module.apply(jp.apply_masks(v, masks), x)
+    np.testing.assert_allclose(
+        rebuilt.apply(small, x), want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want)))
+    )
+
+
+def test_tied_embedding_shrink():
+    ids = jnp.array([[1, 2, 3, 9], [4, 0, 7, 7]])
+    module = TiedLM()
+    v = _init(module, ids)
+    groups = jp.channel_groups(module.apply, v, ids)
+    masks = jp.group_structured(v, 0.5, groups, scope="layer")
+    small, widths = jp.shrink(v, masks, groups)
+    assert small["params"]["Embed_0"]["embedding"].shape == (11, 3)
+    rebuilt = TiedLM(widths["params/Embed_0"], widths["params/up"])
+    want = module.apply(jp.apply_masks(v, masks), ids)
+    np.testing.assert_allclose(
+        rebuilt.apply(small, ids), want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want)))
+    )
+
+
+def test_select_refusals():
+    module, v, x, rebuild, groups = model("mlp")
+    bad = next(g for g in groups if not g.prunable)
+    with pytest.raises(ValueError, match="not prunable"):
+        jp.group_structured(v, 0.5, groups, select=[bad.id])
+    with pytest.raises(ValueError, match="not a group id"):
+        jp.group_structured(v, 0.5, groups, select=[len(groups)])
+    only = jp.group_structured(v, 0.5, groups, select=[groups.prunable[1].id])
+    assert only["params"]["Dense_0"]["kernel"] is None and only["params"]["Dense_2"]["kernel"] is not None
