@@ -91,6 +91,7 @@ class Group:
     width: int
     members: tuple[Member, ...]
     reason: str | None
+    varies: str | None = None  # how the input reaches the channels besides their producers
 
     @property
     def prunable(self) -> bool:
@@ -111,12 +112,14 @@ class Groups:
       shapes: the leaf shapes.
     """
 
-    def __init__(self, groups, paths, shapes, treedef, program):
+    def __init__(self, groups, paths, shapes, treedef, program, consumers=None, bias=None):
         self.groups = tuple(groups)
         self.paths = tuple(paths)
         self.shapes = tuple(shapes)
         self.treedef = treedef
-        self.program = program  # (closed jaxpr, flat example args): for folding constants in shrink
+        self.program = program  # (closed jaxpr, leaves, flat example args): for folding constants
+        self.consumers = consumers or {}  # (leaf, axis) -> [(contraction eqn, activation side, kernel dim)]
+        self.bias = bias or {}  # id(contraction eqn) -> ((bias leaf, axis map), bias operand shape)
 
     def __iter__(self):
         return iter(self.groups)
@@ -161,6 +164,11 @@ class _Analysis:
         self.labels: dict = {}
         self.zview: dict = {}  # var -> (leaf, axis map): a leaf up to zero-preserving ops
         self.data: set = set()  # vars that depend on the model's inputs
+        self.varies: dict[int, str] = {}  # root -> how the input enters its values besides producers
+        self.consumers: dict[tuple[int, int], list] = {}  # (leaf, axis) -> [(eqn, act side, kernel dim)]
+        self.made_by: dict = {}  # var -> the contraction eqn that made it
+        self.bias: dict = {}  # id(contraction eqn) -> (leaf, axis map) of the bias added to its output
+        self.uses: dict = {}  # var -> number of uses
 
     # union-find over spaces
     def new(self, width, reason=None):
@@ -205,6 +213,8 @@ class _Analysis:
         self.members[ra].extend(self.members[rb])
         self.members[rb] = []
         self.reason[ra] = self.reason[ra] or self.reason[rb]
+        if rb in self.varies and ra not in self.varies:
+            self.varies[ra] = self.varies[rb]
 
     def pin_nodes(self, nodes, reason):
         for n in nodes:
@@ -217,6 +227,11 @@ class _Analysis:
         if label is not None:
             self.pin_nodes([n for n, _ in label], reason)
 
+    def vary(self, label, reason):
+        """The input reaches these channels other than through a producer (a kernel's output)."""
+        for n, _ in self.resolve(label) or ():
+            self.varies.setdefault(self.find(n), reason)
+
     def dissolve(self, root, label, where):
         """Space ``root`` (identity on an axis) is that axis's composite ``label``."""
         if any(n == root for n, _ in label):
@@ -227,6 +242,8 @@ class _Analysis:
                 self.members[self.find(n)].append((leaf, axis, _compose(pos, p)))
         if self.reason[root] is not None:
             self.pin_nodes([n for n, _ in label], self.reason[root])
+        if root in self.varies:
+            self.vary(label, self.varies[root])
         self.members[root] = []
         self.alias[root] = label
 
@@ -263,6 +280,9 @@ class _Analysis:
     def run(self, jaxpr, consts_labels):
         for v, lab in zip(jaxpr.constvars, consts_labels):
             self.labels[v] = lab
+        for v in [w for e in jaxpr.eqns for w in e.invars] + list(jaxpr.outvars):
+            if not isinstance(v, jcore.Literal):
+                self.uses[v] = self.uses.get(v, 0) + 1
         for eqn in jaxpr.eqns:
             self.eqn(eqn)
 
@@ -273,8 +293,10 @@ class _Analysis:
         data = any(not isinstance(v, jcore.Literal) and v in self.data for v in eqn.invars)
         outs = getattr(self, "op_" + prim, None)
         if prim in _ELEMENTWISE:
-            outs = [self.elementwise(prim, ins, inshapes, tuple(eqn.outvars[0].aval.shape))]
+            outs = [self.elementwise(prim, ins, inshapes, tuple(eqn.outvars[0].aval.shape), eqn.invars)]
             self.zero_view(eqn, prim)
+            if prim in ("add", "add_any"):
+                self.find_bias(eqn)
         elif prim in _REDUCE:
             outs = [self.reduce(prim, ins[0], eqn.params["axes"])]
         elif prim in _CUMULATIVE:
@@ -300,15 +322,29 @@ class _Analysis:
                 self.pin(a, f"{prim} (not understood) on axis {d} of operand {i}{where}")
         return [self.fresh(v.aval.shape, f"output of {prim}{where}") for v in eqn.outvars]
 
-    def elementwise(self, prim, ins, inshapes, shape):
+    def elementwise(self, prim, ins, inshapes, shape, invars):
         out = []
         for d, size in enumerate(shape):
-            lab = None
-            for x, s in zip(ins, inshapes):
+            lab, spread = None, False
+            for x, s, v in zip(ins, inshapes, invars):
                 if len(s) == len(shape) and s[d] == size:
                     lab = self.unify(lab, x[d], prim)
+                elif not isinstance(v, jcore.Literal) and v in self.data:
+                    spread = True  # a data-dependent operand broadcast along this axis
+            if spread and lab is not None:
+                self.vary(lab, f"{prim} with an input-dependent operand broadcast along the channels")
             out.append(lab)
         return tuple(out)
+
+    def find_bias(self, eqn):
+        """``add(contraction output, bias)``: where a constant channel's contribution can go."""
+        a, b = eqn.invars
+        for y, bias in ((a, b), (b, a)):
+            if isinstance(y, jcore.Literal) or isinstance(bias, jcore.Literal) or y not in self.made_by:
+                continue
+            if bias in self.zview and bias not in self.data and self.uses.get(y) == 1:
+                made = self.made_by[y]
+                self.bias.setdefault(id(made), (self.zview[bias], tuple(bias.aval.shape)))
 
     def zero_view(self, eqn, prim):
         if prim not in _ZERO_PRESERVING:
@@ -362,16 +398,19 @@ class _Analysis:
                 self.zview[outer] = self.zview[inner]
         return outs
 
-    def contract(self, pairs, ops, where):
+    def contract(self, eqn, pairs, ops, where):
         """Tie contracted axes (``pairs`` of (label, label, dim_lhs, dim_rhs)); mark consumers."""
         views = [None if isinstance(v, jcore.Literal) else self.zview.get(v) for v in ops]
         for la, lb, da, db in pairs:
             self.unify(la, lb, where)
             if views[0] is None and views[1] is None:
                 self.pin(la, f"{where} contracts it between two computed tensors")
-            for view, d in zip(views, (da, db)):
+            for side, (view, d) in enumerate(zip(views, (da, db))):
                 if view is not None and view[1][d] is not None:
                     self.roles.setdefault((view[0], view[1][d]), set()).add("in")
+                    self.consumers.setdefault((view[0], view[1][d]), []).append((eqn, 1 - side, d))
+        for v in eqn.outvars:
+            self.made_by[v] = eqn
 
     def produce(self, ops, free):
         """Mark the output (free) axes of a parameter contracted with data as producers."""
@@ -386,11 +425,20 @@ class _Analysis:
     def op_dot_general(self, eqn, ins, shapes):
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         L, R = ins
-        self.contract([(L[a], R[b], a, b) for a, b in zip(lc, rc)], eqn.invars, "dot_general")
+        self.contract(eqn, [(L[a], R[b], a, b) for a, b in zip(lc, rc)], eqn.invars, "dot_general")
         batch = [self.unify(L[a], R[b], "dot_general batch") for a, b in zip(lb, rb)]
         lf = [d for d in range(len(L)) if d not in lc and d not in lb]
         rf = [d for d in range(len(R)) if d not in rc and d not in rb]
         self.produce(eqn.invars, (lf, rf))
+        datas = [not isinstance(v, jcore.Literal) and v in self.data for v in eqn.invars]
+        views = [not isinstance(v, jcore.Literal) and v in self.zview for v in eqn.invars]
+        why = "dot_general with the input on both sides (attention)"
+        for lab in batch if all(datas) else ():
+            self.vary(lab, why)
+        for side, (lab, dims) in enumerate(((L, lf), (R, rf))):
+            if datas[1 - side] and not views[side]:
+                for d in dims:
+                    self.vary(lab[d], why)
         return [tuple(batch) + tuple(L[d] for d in lf) + tuple(R[d] for d in rf)]
 
     def op_conv_general_dilated(self, eqn, ins, shapes):
@@ -411,7 +459,7 @@ class _Analysis:
         cin, per, cout = shapes[0][lspec[1]], shapes[1][rspec[1]], shapes[1][rspec[0]]
         lf, rin, rout = L[lspec[1]], R[rspec[1]], R[rspec[0]]
         if groups == 1:
-            self.contract([(lf, rin, lspec[1], rspec[1])], eqn.invars, "conv")
+            self.contract(eqn, [(lf, rin, lspec[1], rspec[1])], eqn.invars, "conv")
             self.produce(eqn.invars, ([], [rspec[0]]))
             out[ospec[1]] = rout
         elif per == 1 and cin == groups:  # depthwise: output channel o reads input channel o // m
@@ -420,6 +468,8 @@ class _Analysis:
             if m > 1 and lf is not None:
                 lf = tuple((n, _expand(pos, self.width[n], m)) for n, pos in lf)
             out[ospec[1]] = self.unify(rout, lf, "depthwise conv")
+            if not isinstance(eqn.invars[1], jcore.Literal) and eqn.invars[1] in self.data:
+                self.vary(out[ospec[1]], "a depthwise conv with an input-dependent kernel")
         else:
             reason = f"a grouped conv (feature_group_count={groups}, {per} input channels per group)"
             for a in (lf, rin, rout):
@@ -600,6 +650,8 @@ class _Analysis:
         for d, o in zip(kept, dn.offset_dims):
             if p["slice_sizes"][d] == shapes[0][d] and d not in dn.start_index_map:
                 out[o] = op[d]
+                if not isinstance(eqn.invars[1], jcore.Literal) and eqn.invars[1] in self.data:
+                    self.vary(op[d], "gather (an embedding lookup) picks rows by the input")
             else:
                 self.pin(op[d], "gather along the channels")
                 out[o] = self.fresh((out_shape[o],), "gather output")[0]
@@ -783,7 +835,16 @@ def _collect(an, paths, shapes, treedef, program):
         reason = an.reason[r]
         if reason is None and not any(m.role == "in" for _, _, m in members):
             reason = "no parameter consumes it (no kernel contracts these channels)"
-        found.append((members[0][0], members[0][1], an.width[r], tuple(m for *_, m in members), reason))
+        found.append(
+            (
+                members[0][0],
+                members[0][1],
+                an.width[r],
+                tuple(m for *_, m in members),
+                reason,
+                an.varies.get(r),
+            )
+        )
     found.sort(key=lambda f: (f[0], f[1]))
-    groups = [Group(i, w, ms, reason) for i, (_, _, w, ms, reason) in enumerate(found)]
-    return Groups(groups, paths, shapes, treedef, program)
+    groups = [Group(i, w, ms, reason, varies) for i, (_, _, w, ms, reason, varies) in enumerate(found)]
+    return Groups(groups, paths, shapes, treedef, program, an.consumers, an.bias)

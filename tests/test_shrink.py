@@ -186,14 +186,64 @@ def test_consumer_only_mask_removes_channel_exactly():
     assert widths["params/Dense_0"] == 8 - 3
 
 
-def test_partial_mask_keeps_channel():
-    """A producer-only mask with the consumer rows live: the channel still feeds the next layer
-    (relu(bias)): it is kept (its zeros baked in), and the function is unchanged."""
-    module, v, x, rebuild, groups = model("mlp")
-    cols = jp.ln_structured(v["params"]["Dense_0"]["kernel"], 2, n=2, axis=1)
-    masks = jax.tree.map(lambda _: None, v)
-    masks["params"]["Dense_0"]["kernel"] = cols
-    assert_same_function(module, v, masks, x, rebuild, groups)
+def producer_only(v, groups, amount=0.5):
+    """ln_structured on every kernel output axis only: biases, norms and the next layer's input
+    rows are left unmasked, so a pruned channel still carries act(bias) into the next layer."""
+    flat = dict(zip(groups.paths, jax.tree.leaves(v)))
+    out = {}
+    for g in groups.prunable:
+        for m in g.members:
+            if m.role == "out":
+                k = jp.ln_structured(flat[m.path], amount, n=2, axis=m.axis)
+                out[m.path] = k if m.path not in out else out[m.path] & k
+    return jax.tree_util.tree_unflatten(jax.tree.structure(v), [out.get(p) for p in groups.paths])
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet", "concat"])
+def test_constant_channels_fold_into_next_bias(name):
+    """Dense consumers, VALID convs and flatten -> Dense: the constant (relu/tanh of the bias) times
+    the removed input rows goes into the consumer's bias; the model shrinks and stays the same."""
+    module, v, x, rebuild, groups = model(name)
+    masks = producer_only(v, groups)
+    small, widths = assert_same_function(module, v, masks, x, rebuild, groups)
+    before = sum(np.size(a) for a in jax.tree.leaves(v))
+    assert sum(np.size(a) for a in jax.tree.leaves(small)) < before
+    full = jp.shrink(v, jp.group_structured(v, 0.5, groups, scope="layer"), groups)[1]
+    assert widths == full  # ln_structured at 0.5 per layer: the same widths
+
+
+def test_fold_refusals():
+    module, v, x, rebuild, groups = model("rescnn")  # 3x3 SAME convs: the constant meets zero padding
+    with pytest.raises(
+        ValueError, match=r"group \d+ \(params/Conv_1/kernel\[3\]\).*pads its input.*group_structured"
+    ):
+        jp.shrink(v, producer_only(v, groups), groups)
+    module, v, x, rebuild, groups = model("depthwise")  # a padded depthwise conv: not constant
+    with pytest.raises(ValueError, match="not constant"):
+        jp.shrink(v, producer_only(v, groups), groups)
+    net = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2, use_bias=False)])
+    x = jnp.ones((1, 3))
+    v = _init(net, x)
+    groups = jp.channel_groups(net.apply, v, x)
+    with pytest.raises(ValueError, match="no bias"):
+        jp.shrink(v, producer_only(v, groups), groups)
+
+
+def test_attention_heads_with_masked_kernels_are_kept():
+    """q/k/v kernels of a head masked, biases live: the head's output still depends on the input
+    (softmax weights times v's bias), so it is kept, not folded; the model is unchanged."""
+    x = jax.random.normal(jax.random.key(3), (2, 5, 8))
+    module = Transformer()
+    v = _init(module, x)
+    groups = jp.channel_groups(module.apply, v, x)
+    heads = next(g for g in groups.prunable if any(m.path.endswith("query/kernel") for m in g.members))
+    assert heads.varies is not None and "dot_general" in heads.varies
+    masks = producer_only(v, groups)
+    small, widths = jp.shrink(v, masks, groups)
+    assert widths["params/MultiHeadDotProductAttention_0/query"] == (4, 3)
+    want = module.apply(jp.apply_masks(v, masks), x)
+    got = Transformer(hidden=widths["params/Dense_1"]).apply(small, x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
 def test_bf16_and_importance_scores():
