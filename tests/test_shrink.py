@@ -347,3 +347,20 @@ def test_select_refusals():
         jp.group_structured(v, 0.5, groups, select=[len(groups)])
     only = jp.group_structured(v, 0.5, groups, select=[groups.prunable[1].id])
     assert only["params"]["Dense_0"]["kernel"] is None and only["params"]["Dense_2"]["kernel"] is not None
+
+
+def test_readme_section_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Structured pruning that shrinks the model") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(
+        compile(code + "\nwant = Net().apply(jp.apply_masks(variables, masks), x)\n", "README.md", "exec"),
+        scope,
+    )
+    assert "prunable of" in capsys.readouterr().out
+    np.testing.assert_allclose(scope["y"], scope["want"], rtol=1e-5, atol=1e-5)
+    assert scope["widths"]["params/Conv_0"] < 16 and scope["widths"]["params/Dense_0"] < 32
