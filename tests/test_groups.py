@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from group_models import build
+from group_models import _init, build
 
 import jprune as jp
 
@@ -48,7 +48,7 @@ def test_conv_bn_conv():
             return nn.Conv(2, (1, 1))(x)
 
     x = jnp.ones((1, 5, 5, 3))
-    v = M().init(jax.random.key(0), x)
+    v = _init(M(), x)
     groups = jp.channel_groups(M().apply, v, x)
     assert prunable(groups) == [
         sorted(
@@ -126,12 +126,12 @@ def test_depthwise_multiplier_and_grouped_conv():
             return nn.Conv(2, (1, 1))(x)
 
     x = jnp.ones((1, 4, 4, 3))
-    mult = jp.channel_groups(M(4).apply, M(4).init(jax.random.key(0), x), x)
+    mult = jp.channel_groups(M(4).apply, _init(M(4), x), x)
     g = find(mult, "params/Conv_0/kernel[3]")
     (dw,) = [m for m in g.members if m.path == "params/Conv_1/kernel"]
     np.testing.assert_array_equal(dw.index, np.arange(8).reshape(4, 2))  # channel c -> outputs 2c, 2c+1
     assert g.prunable
-    grouped = jp.channel_groups(M(2).apply, M(2).init(jax.random.key(0), x), x)
+    grouped = jp.channel_groups(M(2).apply, _init(M(2), x), x)
     assert "grouped conv" in find(grouped, "params/Conv_0/kernel[3]").reason
 
 
@@ -144,7 +144,7 @@ def test_attention_heads():
             return x + nn.Dense(8)(nn.gelu(nn.Dense(16)(x)))
 
     x = jnp.ones((2, 5, 8))
-    v = Block().init(jax.random.key(0), x)
+    v = _init(Block(), x)
     groups = jp.channel_groups(Block().apply, v, x)
     att = "params/MultiHeadDotProductAttention_0/"
     heads = find(groups, f"{att}query/kernel[1]")
@@ -168,7 +168,7 @@ def test_tied_embedding():
             return embed.attend(h)
 
     ids = jnp.array([[1, 2, 3]])
-    v = LM().init(jax.random.key(0), ids)
+    v = _init(LM(), ids)
     groups = jp.channel_groups(LM().apply, v, ids)
     feat = find(groups, "params/Embed_0/embedding[1]")
     assert feat.prunable
@@ -189,7 +189,7 @@ def test_unknown_op_refuses_its_group_only(op, name):
             return nn.Dense(2)(h)
 
     x = jnp.ones((2, 3))
-    v = M().init(jax.random.key(0), x)
+    v = _init(M(), x)
     groups = jp.channel_groups(M().apply, v, x)
     bad = find(groups, "params/Dense_0/kernel[1]")
     assert not bad.prunable and name in bad.reason
@@ -210,7 +210,7 @@ def test_reduction_over_channels_and_softmax_are_unprunable():
             return nn.Dense(2)(h) + nn.Dense(2)(g)
 
     x = jnp.ones((2, 3))
-    v = M().init(jax.random.key(0), x)
+    v = _init(M(), x)
     groups = jp.channel_groups(M().apply, v, x)
     assert "reduce_sum" in find(groups, "params/Dense_0/kernel[1]").reason
     assert "reduce_max" in find(groups, "params/Dense_1/kernel[1]").reason
@@ -255,7 +255,7 @@ def test_fused_qkv_split_into_heads():
             return x + nn.Dense(d, name="out")(o)
 
     x = jnp.ones((1, 4, 5))
-    v = Fused().init(jax.random.key(0), x)
+    v = _init(Fused(), x)
     groups = jp.channel_groups(Fused().apply, v, x)
     (heads,) = [g for g in groups.prunable if g.width == 2]
     cols = sorted(m.index.ravel().tolist() for m in heads.members if m.path == "params/qkv/kernel")

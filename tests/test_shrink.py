@@ -160,7 +160,7 @@ def test_jit_matches_eager():
     )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=st.sampled_from(["lenet", "rescnn", "depthwise", "concat", "mlp"]),
     amount=st.floats(0.0, 0.7),
