@@ -752,8 +752,9 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
         variables, params and batch_stats, for a BatchNorm model, in inference mode), or
         ``lambda state, x: nnx.merge(graphdef, state)(x)`` for NNX (as ``nnx_groups`` does).
       tree: the variables: a pytree of arrays; every leaf is an input of the program.
-      *args, **kwargs: example inputs (only their shapes and dtypes matter for the groups; ``shrink``
-        evaluates the program on them to fold constant channels).
+      *args, **kwargs: example inputs: array leaves are the program's inputs (only their shapes and
+        dtypes matter for the groups; ``shrink`` evaluates the program on them to fold constant
+        channels); other leaves (``train=False``) are passed as they are.
 
     Returns:
       A ``Groups``: ``print`` it for a table of groups (width, members as ``path[axis]``, prunable
@@ -777,10 +778,15 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     for p, v in zip(paths, leaves):
         if not is_array(v):
             raise TypeError(f"channel_groups: the leaf at {p!r} is a {type(v).__name__}, not an array")
-    arg_leaves, arg_def = jax.tree_util.tree_flatten((args, kwargs))
+    everything, arg_def = jax.tree_util.tree_flatten((args, kwargs))
+    inputs = [i for i, a in enumerate(everything) if isinstance(a, jax.Array | np.ndarray)]
+    arg_leaves = [everything[i] for i in inputs]  # arrays are inputs; the rest (train=False) static
 
     def program(leaves, arg_leaves):
-        a, k = jax.tree_util.tree_unflatten(arg_def, arg_leaves)
+        filled = list(everything)
+        for i, a in zip(inputs, arg_leaves):
+            filled[i] = a
+        a, k = jax.tree_util.tree_unflatten(arg_def, filled)
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), *a, **k)
 
     closed = jax.make_jaxpr(program)(leaves, arg_leaves)

@@ -364,3 +364,20 @@ def test_readme_section_runs(capsys):
     assert "prunable of" in capsys.readouterr().out
     np.testing.assert_allclose(scope["y"], scope["want"], rtol=1e-5, atol=1e-5)
     assert scope["widths"]["params/Conv_0"] < 16 and scope["widths"]["params/Dense_0"] < 32
+
+
+def test_float64_and_static_kwargs():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train: bool):
+            x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(6, param_dtype=jnp.float64)(x)))
+            return nn.Dense(2, param_dtype=jnp.float64)(x)
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)))
+        v = _init(Net(), x, train=False)
+        groups = jp.channel_groups(Net().apply, v, x, train=False)  # a Python bool stays static
+        assert len(groups.prunable) == 1
+        masks = jp.group_structured(v, 0.5, groups)
+        small, widths = jp.shrink(v, masks, groups)
+        assert small["params"]["Dense_0"]["kernel"].dtype == jnp.float64 and widths["params/Dense_0"] == 3
