@@ -19,7 +19,7 @@ The analysis reads shapes and op parameters only (no values), one pass over the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.extend.core as jcore
@@ -744,8 +744,11 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     reduced over (a LayerNorm, a softmax over features), contracted between two computed tensors
     (attention scores), or meet an op the analysis does not understand — it is never guessed.
 
-    Python code that uses a width as a *number* (``x / jnp.sqrt(x.shape[-1])``) is invisible in the
-    program: check ``shrink``'s result on your inputs when your model does that.
+    Python code that uses a width as a *number* (``x / jnp.sqrt(x.shape[-1])``) is invisible in one
+    trace, so the program is traced a second time with one channel fewer per prunable group; a
+    literal or equation that changes makes the group unprunable. A Linen module checks its
+    parameters' shapes against its constructor, so it cannot be retraced at other widths: there,
+    check ``shrink``'s result on your inputs if your model reads widths as numbers.
 
     Args:
       apply_fn: ``apply_fn(tree, *args, **kwargs)``, e.g. ``model.apply`` for Linen (pass all
@@ -812,7 +815,84 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     for j, v in enumerate(jaxpr.outvars):
         for d, lab in enumerate(an.read(v)):
             an.pin(lab, f"reaches the model's output (output {j}, axis {d})")
-    return _collect(an, paths, [np.shape(v) for v in leaves], treedef, (closed, leaves, arg_leaves))
+    shapes = [np.shape(v) for v in leaves]
+    groups = _collect(an, paths, shapes, treedef, (closed, leaves, arg_leaves))
+    return _check_widths(groups, program, leaves, arg_leaves)
+
+
+_UNCHECKED = "unchecked"
+
+
+def _dtype(x):
+    return x.dtype if hasattr(x, "dtype") else np.result_type(x)
+
+
+def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
+    """Trace the program again with one channel fewer in every prunable group: a literal or an
+    equation that changes means Python code used a width as a number (``1 / sqrt(d)``) or
+    branched on it; such a group is made unprunable (one more trace when nothing changes). A
+    program that refuses other widths (a Linen module checks its parameter shapes) is not checked."""
+    todo = [g for g in groups.prunable if g.width > 1]
+    if not todo:
+        return groups
+    index = {p: i for i, p in enumerate(groups.paths)}
+
+    def trace(chosen):
+        shapes = [list(s) for s in groups.shapes]
+        for g in chosen:
+            for m in g.members:
+                shapes[index[m.path]][m.axis] -= m.positions(groups.shapes[index[m.path]][m.axis])[-1].size
+        structs = [jax.ShapeDtypeStruct(tuple(s), _dtype(v)) for s, v in zip(shapes, leaves)]
+        args = [jax.ShapeDtypeStruct(np.shape(a), _dtype(a)) for a in arg_leaves]
+        try:
+            return _difference(groups.program[0], jax.make_jaxpr(program)(structs, args))
+        except Exception:  # noqa: BLE001 - the program checks its widths (Linen): no check possible
+            return _UNCHECKED
+
+    first = trace(todo)
+    if first is None or first is _UNCHECKED:
+        return groups
+    why = {g.id: trace([g]) for g in todo}
+    why = {k: (None if w is _UNCHECKED else w) for k, w in why.items()}
+    if not any(why.values()):  # only the combination changes the program: refuse them all
+        why = {g.id: "the program changes when the widths do" for g in todo}
+    out = [
+        replace(g, reason=f"the width is used as a number: {why[g.id]}") if why.get(g.id) else g
+        for g in groups
+    ]
+    return Groups(
+        out, groups.paths, groups.shapes, groups.treedef, groups.program, groups.consumers, groups.bias
+    )
+
+
+def _difference(a, b) -> str | None:
+    """Where two traces of the program differ other than in shapes (literals, equations)."""
+    ja, jb = a.jaxpr, b.jaxpr
+    for ca, cb in zip(a.consts, b.consts):
+        if np.shape(ca) == np.shape(cb) and not np.array_equal(np.asarray(ca), np.asarray(cb)):
+            return "a captured constant changes"
+    if len(ja.eqns) != len(jb.eqns):
+        return f"the program has {len(jb.eqns)} equations instead of {len(ja.eqns)}"
+    for ea, eb in zip(ja.eqns, jb.eqns):
+        if ea.primitive is not eb.primitive:
+            return f"{eb.primitive.name} where {ea.primitive.name} was"
+        for va, vb in zip(ea.invars, eb.invars):
+            if isinstance(va, jcore.Literal) != isinstance(vb, jcore.Literal):
+                return f"an operand of {ea.primitive.name} changes"
+            if isinstance(va, jcore.Literal) and not np.array_equal(np.asarray(va.val), np.asarray(vb.val)):
+                return f"the literal {va.val} of {ea.primitive.name}{_where(ea)} becomes {vb.val}"
+        for key, pa in ea.params.items():
+            pb = eb.params.get(key)
+            if isinstance(pa, jcore.ClosedJaxpr | jcore.Jaxpr):
+                wrap = (
+                    (lambda j: j)
+                    if isinstance(pa, jcore.ClosedJaxpr)
+                    else (lambda j: jcore.ClosedJaxpr(j, ()))
+                )
+                d = _difference(wrap(pa), wrap(pb))
+                if d:
+                    return d
+    return None
 
 
 def _collect(an, paths, shapes, treedef, program):

@@ -262,3 +262,35 @@ def test_fused_qkv_split_into_heads():
     assert cols == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17]]  # q, k, v blocks
     rows = [m for m in heads.members if m.path == "params/out/kernel"]
     assert len(rows) == 1 and rows[0].index.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_width_used_as_a_number_is_unprunable():
+    """A width Python reads as a number is invisible in one trace; a second trace with one channel
+    fewer shows the literal change (plain functions and NNX; Linen modules check their shapes)."""
+    from flax import nnx
+
+    def apply(p, x):
+        h = jax.nn.relu(x @ p["w1"] + p["b1"])
+        g = jax.nn.relu(x @ p["w3"])
+        return (h * (1.0 / h.shape[-1])) @ p["w2"] + g @ p["w4"]
+
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (3, 6), "b1": (6,), "w2": (6, 2), "w3": (3, 5), "w4": (5, 2)}
+    p = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    groups = jp.channel_groups(apply, p, jnp.ones((4, 3)))
+    bad = find(groups, "w1[1]")
+    assert "width is used as a number" in bad.reason and "0.16666" in bad.reason
+    assert find(groups, "w3[1]").prunable  # the other hidden layer is untouched
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(3, 6, rngs=rngs), nnx.Linear(6, 2, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.a(x))
+            return self.b(h / jnp.sqrt(h.shape[-1]))
+
+    from jprune._shrink_nnx import nnx_groups
+
+    groups = nnx_groups(Net(nnx.Rngs(0)), jnp.ones((2, 3)))
+    assert "sqrt" in find(groups, "a/kernel[1]").reason
