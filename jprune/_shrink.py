@@ -299,6 +299,10 @@ def _evaluate(closed, leaves, args, want):
                 env[v] = x
         return [read(v) for v in jaxpr.outvars]
 
-    with jax.disable_jit():
+    def captured(leaves, args):  # one compiled program: the captured operands are its outputs
+        seen.clear()
         run(closed.jaxpr, closed.consts, [*leaves, *args])
-    return seen
+        return {k: ins for k, (ins, _) in seen.items()}
+
+    values = jax.jit(captured)(leaves, list(args))
+    return {k: (values[k], count) for k, (_, count) in seen.items()}
