@@ -294,3 +294,32 @@ def test_width_used_as_a_number_is_unprunable():
 
     groups = nnx_groups(Net(nnx.Rngs(0)), jnp.ones((2, 3)))
     assert "sqrt" in find(groups, "a/kernel[1]").reason
+
+
+def test_sub_programs_custom_vjp_checkpoint_jit():
+    """A plain function whose hidden layer goes through custom_vjp, jax.checkpoint and jax.jit:
+    one prunable group, and the shrunk params run in the same function (no rebuild needed)."""
+
+    @jax.custom_vjp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g,))
+
+    def apply(p, x):
+        h = act(x @ p["w1"] + p["b1"])
+        h = jax.checkpoint(jax.nn.gelu)(h)
+        return jax.jit(lambda h: h * 2.0)(h) @ p["w2"]
+
+    rng = np.random.default_rng(0)
+    p = {
+        k: jnp.asarray(rng.normal(size=s), jnp.float32)
+        for k, s in {"w1": (3, 6), "b1": (6,), "w2": (6, 2)}.items()
+    }
+    x = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    groups = jp.channel_groups(apply, p, x)
+    assert prunable(groups) == [["b1[0]", "w1[1]", "w2[0]"]]
+    masks = jp.group_structured(p, 0.5, groups)
+    small, widths = jp.shrink(p, masks, groups)
+    assert small["w1"].shape == (3, 3) and widths == {"": 3}
+    np.testing.assert_allclose(apply(small, x), apply(jp.apply_masks(p, masks), x), rtol=1e-6, atol=1e-6)
