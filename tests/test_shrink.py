@@ -381,3 +381,26 @@ def test_float64_and_static_kwargs():
         masks = jp.group_structured(v, 0.5, groups)
         small, widths = jp.shrink(v, masks, groups)
         assert small["params"]["Dense_0"]["kernel"].dtype == jnp.float64 and widths["params/Dense_0"] == 3
+
+
+def test_depthwise_multiplier_shrinks_in_blocks():
+    """feature_group_count=c with 2 outputs per input channel: pruning input channel i removes
+    depthwise outputs 2i and 2i+1 together."""
+
+    class M(nn.Module):
+        c: int = 4
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(self.c, (1, 1))(x))
+            x = nn.relu(nn.Conv(2 * self.c, (3, 3), feature_group_count=self.c)(x))
+            return nn.Dense(2)(jnp.mean(x, axis=(1, 2)))
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    v = _init(M(), x)
+    groups = jp.channel_groups(M().apply, v, x)
+    masks = jp.group_structured(v, 0.5, groups, scope="layer")
+    small, widths = jp.shrink(v, masks, groups)
+    assert widths["params/Conv_0"] == 2 and widths["params/Conv_1"] == 4
+    want = M().apply(jp.apply_masks(v, masks), x)
+    np.testing.assert_allclose(M(2).apply(small, x), want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
