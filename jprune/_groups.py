@@ -118,7 +118,7 @@ class Groups:
         self.paths = tuple(paths)
         self.shapes = tuple(shapes)
         self.treedef = treedef
-        self.program = program  # (closed jaxpr, leaves, flat example args): for folding constants
+        self.program = program  # (closed jaxpr, array leaves of the example inputs): for folding
         self.consumers = consumers or {}  # (leaf, axis) -> [(contraction eqn, activation side, kernel dim)]
         self.bias = bias or {}  # id(contraction eqn) -> ((bias leaf, axis map), bias operand shape)
 
@@ -817,7 +817,7 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
         for d, lab in enumerate(an.read(v)):
             an.pin(lab, f"reaches the model's output (output {j}, axis {d})")
     shapes = [np.shape(v) for v in leaves]
-    groups = _collect(an, paths, shapes, treedef, (closed, leaves, arg_leaves))
+    groups = _collect(an, paths, shapes, treedef, (closed, arg_leaves))
     return _check_widths(groups, program, leaves, arg_leaves)
 
 

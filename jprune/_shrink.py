@@ -158,7 +158,7 @@ def _constant_channels(g, masks, index):
 def _fold(groups: Groups, folds, values, index):
     """Add each constant channel's contribution to its consumers' biases (exact: the consumer sums
     a constant times fixed weights); refuse where it is not exact."""
-    closed, _, args = groups.program
+    closed, args = groups.program
     want = {}
     for g, _ in folds:
         for m in g.members:
