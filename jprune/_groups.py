@@ -53,6 +53,7 @@ _CALLS = {  # call-like primitives and the parameter holding their body
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
+_WINDOW_AXIS = "a conv window axis"  # a kernel's spatial axis: summarized in the table
 _WINDOW = frozenset("reduce_window_max reduce_window_min reduce_window_sum".split())
 
 
@@ -141,10 +142,17 @@ class Groups:
             "(members as path[axis]; xR: R positions per channel, +: at an offset)"
         )
         lines = [head, f"{'group':>5}  {'width':>5}  prunable  members"]
+        windows = [g for g in self.groups if g.reason == _WINDOW_AXIS]
         for g in self.groups:
+            if g.reason == _WINDOW_AXIS:
+                continue
             status = "yes" if g.prunable else "no"
             line = f"{g.id:>5}  {g.width:>5}  {status:<8}  " + " ".join(str(m) for m in g.members)
             lines.append(line if g.prunable else f"{line}  ({g.reason})")
+        if windows:
+            lines.append(
+                f"  and {len(windows)} conv window axes (groups {', '.join(str(g.id) for g in windows)})"
+            )
         return "\n".join(lines)
 
 
@@ -454,7 +462,7 @@ class _Analysis:
         out[ospec[0]] = L[lspec[0]]
         for ls, rs, os in zip(lspec[2:], rspec[2:], ospec[2:]):
             self.pin(L[ls], "a conv window along the channels")
-            self.pin(R[rs], "a conv window axis")
+            self.pin(R[rs], _WINDOW_AXIS)
             out[os] = self.fresh((out_shape[os],), "conv output positions")[0]
         groups = p["feature_group_count"]
         cin, per, cout = shapes[0][lspec[1]], shapes[1][rspec[1]], shapes[1][rspec[0]]
