@@ -105,19 +105,17 @@ def measure(net, model, variables, x, repeats):
     return n, float(compiled.cost_analysis()["flops"]), statistics.median(times)
 
 
-def run(name, net, size, args):
-    """Dense -> 50 % of channels/heads pruned globally -> fine-tuned -> shrunk: one table row each."""
-    x_tr, y_tr, x_te, y_te = digits(size)
+def prune_and_shrink(name, net, variables, data, *, amount=0.5, finetune=3, lr=1e-3, batch=256, repeats=20):
+    """Trained ``variables`` -> ``amount`` of the channels/heads pruned globally -> fine-tuned ->
+    shrunk; prints params, FLOPs, latency and accuracy before and after, and returns them."""
+    x_tr, y_tr, x_te, y_te = data
     model = net.make(None)
-    variables = model.init(jax.random.key(0), x_tr[:1])
-    no_masks = jax.tree.map(lambda _: None, variables["params"])
-    variables = fit(net, model, variables, no_masks, (x_tr, y_tr), epochs=args.epochs, lr=args.lr)
     dense_acc = accuracy(net, model, variables, x_te, y_te)
 
     groups = jp.channel_groups(lambda v, x: net.apply(model, v, x), variables, x_tr[:1])
-    masks = jp.group_structured(variables, args.amount, groups, n=2, scope="global")
+    masks = jp.group_structured(variables, amount, groups, n=2, scope="global")
     pruned_acc = accuracy(net, model, jp.apply_masks(variables, masks), x_te, y_te)
-    tuned = fit(net, model, variables, masks["params"], (x_tr, y_tr), epochs=args.finetune, lr=args.lr / 3)
+    tuned = fit(net, model, variables, masks["params"], (x_tr, y_tr), epochs=finetune, lr=lr)
     tuned = jp.apply_masks(tuned, masks)
     tuned_acc = accuracy(net, model, tuned, x_te, y_te)
 
@@ -129,15 +127,15 @@ def run(name, net, size, args):
     out = np.asarray(jax.jit(lambda v, x: net.apply(small_model, v, x))(small, probe))
     rel = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
 
-    batch = x_te[: args.batch]
-    before = measure(net, model, variables, batch, args.repeats)
-    after = measure(net, small_model, small, batch, args.repeats)
-    print(f"\n{name}: {100 * args.amount:.0f} % of the channels/heads pruned globally, then shrunk")
+    x = x_te[:batch]
+    before = measure(net, model, variables, x, repeats)
+    after = measure(net, small_model, small, x, repeats)
+    print(f"\n{name}: {100 * amount:.0f} % of the channels/heads pruned globally, fine-tuned, shrunk")
     print(f"  {'':<22}{'dense':>12}{'shrunk':>12}{'ratio':>8}")
     for label, b, a, scale, unit in (
         ("params", before[0], after[0], 1e3, "k"),
         ("FLOPs / batch", before[1], after[1], 1e6, "M"),
-        (f"latency, batch {len(batch)}", before[2], after[2], 1e-3, "ms"),
+        (f"latency, batch {len(x)}", before[2], after[2], 1e-3, "ms"),
     ):
         print(f"  {label:<22}{b / scale:>10.1f}{unit:<2}{a / scale:>10.1f}{unit:<2}{b / a:>7.2f}x")
     print(
@@ -145,7 +143,8 @@ def run(name, net, size, args):
         f"fine-tuned {100 * tuned_acc:.1f} %, shrunk {100 * small_acc:.1f} % "
         f"(shrunk vs masked logits: max |diff| / max |logit| = {rel:.1e})"
     )
-    return dense_acc, small_acc, before, after
+    print(f"  widths after shrink: {dict(widths)}")
+    return {"accuracy": (dense_acc, small_acc), "dense": before, "shrunk": after, "rel": rel}
 
 
 MODELS = {
@@ -172,9 +171,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.epochs, args.finetune, args.repeats, args.batch = 1, 1, 2, 32
+    results = {}
     for name in args.models:
         make, batch_norm, size = MODELS[name]
-        run(name, Net(make, batch_norm=batch_norm), size, args)
+        net = Net(make, batch_norm=batch_norm)
+        data = digits(size)
+        if args.smoke:
+            data = (data[0][:256], data[1][:256], data[2][:128], data[3][:128])
+        model = make(None)
+        variables = model.init(jax.random.key(0), data[0][:1])
+        no_masks = jax.tree.map(lambda _: None, variables["params"])
+        variables = fit(net, model, variables, no_masks, data[:2], epochs=args.epochs, lr=args.lr)
+        results[name] = prune_and_shrink(
+            name, net, variables, data, amount=args.amount, finetune=args.finetune, lr=args.lr / 3,
+            batch=args.batch, repeats=args.repeats,
+        )  # fmt: skip
+    return results
 
 
 if __name__ == "__main__":

@@ -39,6 +39,20 @@ def test_demo(tmp_path, capsys):
     assert result["exact_zero"]
     assert result["gradual"][0] == pytest.approx(0.9, abs=0.01)
     assert "torch vs jprune: 100.00 %" in out and "Done in" in out
+    structured = result["structured"]
+    assert structured["rel"] <= 1e-5  # the shrunk LeNet computes what the masked one does
+    (params, flops, _), (small_params, small_flops, _) = structured["dense"], structured["shrunk"]
+    assert small_params < params and small_flops < flops
+
+
+def test_structured_speed(capsys):
+    results = _run("structured_speed", ["--smoke"])
+    assert set(results) == {"LeNet", "ResNet-18-style CNN", "ViT"}
+    for name, r in results.items():
+        assert r["rel"] <= 1e-5, name
+        # params and FLOPs of the shrunk model are smaller than the dense one's
+        assert r["shrunk"][0] < r["dense"][0] and r["shrunk"][1] < r["dense"][1], name
+    assert "widths after shrink" in capsys.readouterr().out
 
 
 def test_nnx_finetune(capsys):
