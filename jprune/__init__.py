@@ -9,12 +9,18 @@ from . import testing as testing  # jprune.testing: masks compared across framew
 from ._custom import custom_from_mask as custom_from_mask
 from ._custom import custom_method as custom_method
 from ._custom import identity as identity
+from ._group_prune import group_structured as group_structured
+from ._groups import Group as Group
+from ._groups import Groups as Groups
+from ._groups import Member as Member
+from ._groups import channel_groups as channel_groups
 from ._masks import SparsityReport as SparsityReport
 from ._masks import apply_masks as apply_masks
 from ._masks import is_pruned as is_pruned
 from ._masks import remove as remove
 from ._masks import sparsity as sparsity
 from ._nm import n_m_unstructured as n_m_unstructured
+from ._shrink import shrink as shrink
 from ._structured import ln_structured as ln_structured
 from ._structured import random_structured as random_structured
 from ._unstructured import global_unstructured as global_unstructured
@@ -24,11 +30,16 @@ from ._unstructured import random_unstructured as random_unstructured
 __version__ = "0.1.0"
 
 __all__ = [
+    "Group",
+    "Groups",
+    "Member",
     "SparsityReport",
     "apply_masks",
+    "channel_groups",
     "custom_from_mask",
     "custom_method",
     "global_unstructured",
+    "group_structured",
     "identity",
     "is_pruned",
     "l1_unstructured",
@@ -37,6 +48,7 @@ __all__ = [
     "random_structured",
     "random_unstructured",
     "remove",
+    "shrink",
     "sparsity",
     "testing",
 ]
