@@ -32,15 +32,15 @@ import jprune as jp
 class LeNet(nn.Module):
     """The seed's LeNet in Linen; params are {"conv1": {"kernel", "bias"}, ..., "fc3": {...}}.
 
-    ``widths`` (optional) overrides layers' output features by name, e.g. the widths ``jp.shrink``
-    returns after structured pruning: ``LeNet(widths={"conv1": 3, "fc1": 60})``.
+    ``widths`` (optional) overrides layers' output features, keyed by their path in the variables,
+    as ``jp.shrink`` returns them after structured pruning: ``LeNet(widths={"params/conv1": 3})``.
     """
 
     widths: Mapping[str, int] | None = None
 
     @nn.compact
     def __call__(self, x):  # x: (N, 28, 28, 1)
-        w = lambda name, default: int((self.widths or {}).get(name, default))  # noqa: E731
+        w = lambda name, default: (self.widths or {}).get(f"params/{name}", default)  # noqa: E731
         pool = lambda x: nn.max_pool(x, (2, 2), (2, 2))  # noqa: E731
         x = pool(nn.relu(nn.Conv(w("conv1", 6), (3, 3), padding="VALID", name="conv1")(x)))
         x = pool(nn.relu(nn.Conv(w("conv2", 16), (3, 3), padding="VALID", name="conv2")(x)))

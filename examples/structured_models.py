@@ -1,7 +1,8 @@
 """Models whose widths are constructor arguments, for structured pruning (``jp.shrink``).
 
-``jp.shrink`` returns the smaller params and ``widths``: each layer's new feature count, keyed by
-the layer's path (``"layer2_0/conv1"``). A Linen model is rebuilt from them by reading every
+``jp.shrink`` returns the smaller variables and ``widths``: each layer's new feature count, keyed by
+the layer's path in the variables (``"params/layer2_0/conv1"``; a tuple for a multi-axis kernel
+such as an attention projection's ``(heads, head_dim)``). A Linen model is rebuilt by reading every
 layer's width from that mapping, with the dense width as the default: ``ResNet18(widths=widths)``.
 
 - ``ResNet18``: torchvision's ResNet-18 layout (BasicBlocks 2-2-2-2, BatchNorm, 1x1 projection
@@ -23,8 +24,9 @@ from flax import linen as nn
 STAGES = (64, 128, 256, 512)
 
 
-def _width(widths: Mapping[str, int] | None, path: str, default: int) -> int:
-    return int((widths or {}).get(path, default))
+def _width(widths: Mapping | None, path: str, default):
+    """The width ``jp.shrink`` gives the module at ``path`` of the params, or ``default``."""
+    return (widths or {}).get(f"params/{path}", default)
 
 
 class BasicBlock(nn.Module):
@@ -107,8 +109,8 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """A small ViT: patch embedding, ``depth`` blocks, mean pooling, linear head.
 
-    Per block ``i``, ``widths["block{i}/attn"]`` is the number of heads (head_dim stays) and
-    ``widths["block{i}/fc1"]`` the MLP width.
+    Per block ``i``, the heads are read from the query projection's width ``(heads, head_dim)``
+    (the head size stays), the MLP width from ``fc1``'s.
     """
 
     num_classes: int = 10
@@ -127,7 +129,7 @@ class ViT(nn.Module):
         x = x + pos
         for i in range(self.depth):
             x = Block(
-                heads=_width(self.widths, f"block{i}/attn", self.heads),
+                heads=_width(self.widths, f"block{i}/attn/query", (self.heads,))[0],
                 head_dim=self.dim // self.heads,
                 mlp=_width(self.widths, f"block{i}/fc1", self.mlp),
                 name=f"block{i}",

@@ -46,10 +46,11 @@ def digits(size: int):
 
 
 class Net:
-    """A Linen model and how to call it: ``train=`` for BatchNorm models, eval mode otherwise."""
+    """A Linen model and how to call it: ``train=`` for BatchNorm models, eval mode otherwise;
+    ``select`` picks the channel groups to prune (None: all prunable ones)."""
 
-    def __init__(self, make, *, batch_norm: bool):
-        self.make, self.batch_norm = make, batch_norm
+    def __init__(self, make, *, batch_norm: bool, select=None):
+        self.make, self.batch_norm, self.select = make, batch_norm, select
 
     def apply(self, model, variables, x):
         return model.apply(variables, x, train=False) if self.batch_norm else model.apply(variables, x)
@@ -113,7 +114,7 @@ def prune_and_shrink(name, net, variables, data, *, amount=0.5, finetune=3, lr=1
     dense_acc = accuracy(net, model, variables, x_te, y_te)
 
     groups = jp.channel_groups(lambda v, x: net.apply(model, v, x), variables, x_tr[:1])
-    masks = jp.group_structured(variables, amount, groups, n=2, scope="global")
+    masks = jp.group_structured(variables, amount, groups, n=2, scope="global", select=net.select)
     pruned_acc = accuracy(net, model, jp.apply_masks(variables, masks), x_te, y_te)
     tuned = fit(net, model, variables, masks["params"], (x_tr, y_tr), epochs=finetune, lr=lr)
     tuned = jp.apply_masks(tuned, masks)
@@ -143,18 +144,21 @@ def prune_and_shrink(name, net, variables, data, *, amount=0.5, finetune=3, lr=1
         f"fine-tuned {100 * tuned_acc:.1f} %, shrunk {100 * small_acc:.1f} % "
         f"(shrunk vs masked logits: max |diff| / max |logit| = {rel:.1e})"
     )
-    print(f"  widths after shrink: {dict(widths)}")
+    resized = [k for k in widths if k.startswith("params/")]
+    print(f"  {len(resized)} layers resized; e.g. " + ", ".join(f"{k}: {widths[k]}" for k in resized[:4]))
     return {"accuracy": (dense_acc, small_acc), "dense": before, "shrunk": after, "rel": rel}
 
 
-MODELS = {
-    "LeNet": (lambda w: lenet.LeNet(widths=w), False, 28),
-    "ResNet-18-style CNN": (
-        lambda w: ResNet18(num_classes=10, base=32, small_input=True, widths=w),
-        True,
-        16,
-    ),
-    "ViT": (lambda w: ViT(num_classes=10, dim=64, depth=3, heads=4, mlp=128, widths=w), False, 16),
+def heads_not_value_dims(group) -> bool:
+    """Linen's attention has one head size for q, k and v: prune whole heads, never value dims
+    alone (the group named by a value projection's head-size axis)."""
+    return "/value/kernel[2]" not in group.name
+
+
+MODELS = {  # name: (model from widths, BatchNorm?, image size, groups to prune)
+    "LeNet": (lambda w: lenet.LeNet(widths=w), False, 28, None),
+    "ResNet-18-style CNN": (lambda w: ResNet18(10, base=16, small_input=True, widths=w), True, 16, None),
+    "ViT": (lambda w: ViT(10, dim=64, depth=3, heads=4, mlp=128, widths=w), False, 16, heads_not_value_dims),
 }
 
 
@@ -173,8 +177,8 @@ def main(argv=None):
         args.epochs, args.finetune, args.repeats, args.batch = 1, 1, 2, 32
     results = {}
     for name in args.models:
-        make, batch_norm, size = MODELS[name]
-        net = Net(make, batch_norm=batch_norm)
+        make, batch_norm, size, select = MODELS[name]
+        net = Net(make, batch_norm=batch_norm, select=select)
         data = digits(size)
         if args.smoke:
             data = (data[0][:256], data[1][:256], data[2][:128], data[3][:128])

@@ -52,7 +52,7 @@ def test_structured_speed(capsys):
         assert r["rel"] <= 1e-5, name
         # params and FLOPs of the shrunk model are smaller than the dense one's
         assert r["shrunk"][0] < r["dense"][0] and r["shrunk"][1] < r["dense"][1], name
-    assert "widths after shrink" in capsys.readouterr().out
+    assert "layers resized" in capsys.readouterr().out
 
 
 def test_nnx_finetune(capsys):
