@@ -21,6 +21,7 @@ Run: ``make structured`` or ``python examples/structured_speed.py [--amount 0.5]
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -55,6 +56,10 @@ class Net:
     def apply(self, model, variables, x):
         return model.apply(variables, x, train=False) if self.batch_norm else model.apply(variables, x)
 
+    def forward(self, model):
+        """The jitted eval forward ``(variables, x) -> logits`` of ``model``."""
+        return jax.jit(functools.partial(self.apply, model))
+
     def loss(self, model, params, rest, x, y):
         variables = {"params": params, **rest}
         if self.batch_norm:
@@ -87,14 +92,13 @@ def fit(net, model, variables, masks, data, *, epochs, lr, seed=0, batch_size=64
     return {"params": params, **rest}
 
 
-def accuracy(net, model, variables, x, y) -> float:
-    logits = jax.jit(lambda v, x: net.apply(model, v, x))(variables, x)
+def accuracy(forward, variables, x, y) -> float:
+    logits = forward(variables, x)
     return float(np.mean(np.argmax(np.asarray(logits), -1) == y))
 
 
-def measure(net, model, variables, x, repeats):
-    """(params, FLOPs, median latency in s) of the jitted forward on ``x``."""
-    fwd = jax.jit(lambda v, x: net.apply(model, v, x))
+def measure(fwd, variables, x, repeats):
+    """(params, FLOPs, median latency in s) of the jitted forward ``fwd`` on ``x``."""
     compiled = fwd.lower(variables, x).compile()
     fwd(variables, x).block_until_ready()
     times = []
@@ -111,26 +115,26 @@ def prune_and_shrink(name, net, variables, data, *, amount=0.5, finetune=3, lr=1
     shrunk; prints params, FLOPs, latency and accuracy before and after, and returns them."""
     x_tr, y_tr, x_te, y_te = data
     model = net.make(None)
-    dense_acc = accuracy(net, model, variables, x_te, y_te)
+    dense = net.forward(model)
+    dense_acc = accuracy(dense, variables, x_te, y_te)
 
     groups = jp.channel_groups(lambda v, x: net.apply(model, v, x), variables, x_tr[:1])
     masks = jp.group_structured(variables, amount, groups, n=2, scope="global", select=net.select)
-    pruned_acc = accuracy(net, model, jp.apply_masks(variables, masks), x_te, y_te)
+    pruned_acc = accuracy(dense, jp.apply_masks(variables, masks), x_te, y_te)
     tuned = fit(net, model, variables, masks["params"], (x_tr, y_tr), epochs=finetune, lr=lr)
     tuned = jp.apply_masks(tuned, masks)
-    tuned_acc = accuracy(net, model, tuned, x_te, y_te)
+    tuned_acc = accuracy(dense, tuned, x_te, y_te)
 
     small, widths = jp.shrink(tuned, masks, groups)
-    small_model = net.make(widths)
-    small_acc = accuracy(net, small_model, small, x_te, y_te)
-    probe = x_te[:64]
-    ref = np.asarray(jax.jit(lambda v, x: net.apply(model, v, x))(tuned, probe))
-    out = np.asarray(jax.jit(lambda v, x: net.apply(small_model, v, x))(small, probe))
+    shrunk = net.forward(net.make(widths))
+    small_acc = accuracy(shrunk, small, x_te, y_te)
+    ref = np.asarray(dense(tuned, x_te))  # compiled already, by accuracy
+    out = np.asarray(shrunk(small, x_te))
     rel = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
 
     x = x_te[:batch]
-    before = measure(net, model, variables, x, repeats)
-    after = measure(net, small_model, small, x, repeats)
+    before = measure(dense, variables, x, repeats)
+    after = measure(shrunk, small, x, repeats)
     print(f"\n{name}: {100 * amount:.0f} % of the channels/heads pruned globally, fine-tuned, shrunk")
     print(f"  {'':<22}{'dense':>12}{'shrunk':>12}{'ratio':>8}")
     for label, b, a, scale, unit in (
@@ -171,10 +175,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256, help="batch size for the latency")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--smoke", action="store_true", help="one epoch each, few repeats (for the tests)")
+    parser.add_argument("--smoke", action="store_true", help="one dense epoch, no fine-tuning, few repeats (for the tests)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.epochs, args.finetune, args.repeats, args.batch = 1, 1, 2, 32
+        args.epochs, args.finetune, args.repeats, args.batch = 1, 0, 2, 128  # finetune: one compile less
     results = {}
     for name in args.models:
         make, batch_norm, size, select = MODELS[name]
