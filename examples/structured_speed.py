@@ -175,7 +175,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256, help="batch size for the latency")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--smoke", action="store_true", help="one dense epoch, no fine-tuning, few repeats (for the tests)")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for the tests")
     args = parser.parse_args(argv)
     if args.smoke:
         args.epochs, args.finetune, args.repeats, args.batch = 1, 0, 2, 128  # finetune: one compile less
