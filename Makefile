@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: setup kernel test demo structured bench bench-interop bench-train bench-structured lint clean
+.PHONY: setup kernel test demo structured bench bench-interop bench-compact bench-train bench-structured lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: setup
 
 bench-interop: setup
 	$(BIN)/python bench/bench_interop.py
+
+bench-compact: setup
+	$(BIN)/python bench/bench_compact.py
 
 bench-train: setup
 	$(BIN)/python bench/bench_train.py

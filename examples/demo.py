@@ -5,9 +5,11 @@
 2. Walk the seed's pruning steps with jprune (single module, iterative, remove, several modules,
    global, custom method), printing the sparsity table after each.
 3. Accuracy vs sparsity: one-shot global L1 pruning at 0/50/70/80/90/95 %, without and with
-   fine-tuning (``jp.keep_pruned`` keeps pruned weights at exactly 0), and gradual pruning to 90 %
-   (Zhu & Gupta's polynomial schedule, traced inside one compiled train step). Table on the
-   terminal, plot in the output folder.
+   fine-tuning (``jp.keep_pruned`` keeps pruned weights at exactly 0), gradual pruning to 90 %
+   (Zhu & Gupta's polynomial schedule, traced inside one compiled train step), 90 % split across
+   the layers by Erdős–Rényi-kernel (``scope="erk"``) and 2:4 N:M sparsity on the fully connected
+   layers (``jp.n_m_unstructured``), each fine-tuned. Table on the terminal, plot in the output
+   folder.
 4. Export the fine-tuned 90 %-sparse model to a torch checkpoint (``weight_orig``/``weight_mask``),
    load it into the torch LeNet and check that torch predicts the same classes.
 5. Structured pruning that shrinks: 50 % of the channels pruned globally over the coupled groups
@@ -63,13 +65,19 @@ def train(params, masks, step_fn, tx, data, *, epochs, batch_size, key, desc, qu
     return params, jp.get_masks(opt_state)
 
 
+def _all_arrays(masks, like):
+    """``masks`` with an all-True array where it has None and ``like`` an array: the fine-tuning
+    step was compiled for masks on all five weights."""
+    return jax.tree.map(lambda k, m: k if m is None else m, like, masks, is_leaf=lambda x: x is None)
+
+
 def per_layer(masks, params):
     """Sparsity of each LeNet weight (kernel), in %."""
     rows = {r.path: r.fraction for r in jp.sparsity(masks, params).rows}
     return [100 * rows.get(f"{name}/kernel", 0.0) for name in LAYERS]
 
 
-def plot(path, results, dense_acc, gradual, layer_bars):
+def plot(path, results, dense_acc, gradual, layer_bars, extra=()):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,6 +88,8 @@ def plot(path, results, dense_acc, gradual, layer_bars):
     ax1.plot(xs, [100 * a for _, a, _, _ in results], "o--", label="one-shot, no fine-tuning")
     ax1.plot(xs, [100 * a for _, _, a, _ in results], "o-", label="one-shot + fine-tuning")
     ax1.plot([100 * gradual[0]], [100 * gradual[1]], "*", markersize=14, label="gradual (polynomial)")
+    for (label, sparsity, acc), marker in zip(extra, "Dsv^"):
+        ax1.plot([100 * sparsity], [100 * acc], marker, markersize=9, label=f"{label} + fine-tuning")
     ax1.axhline(100 * dense_acc, color="gray", lw=0.8, ls=":", label="dense")
     ax1.set(xlabel="global sparsity of the 5 weights (%)", ylabel="test accuracy (%)")
     ax1.set_title("LeNet on held-out digits: accuracy vs sparsity")
@@ -93,7 +103,7 @@ def plot(path, results, dense_acc, gradual, layer_bars):
         ax2.bar(pos, values, width, label=label)
     ax2.set_xticks(np.arange(len(LAYERS)), LAYERS)
     ax2.set(xlabel="weight", ylabel="sparsity (%)", ylim=(0, 115))
-    ax2.set_title("per-layer sparsity (global pruning decides the split)")
+    ax2.set_title("per-layer sparsity: global L1 decides the split, ERK and 2:4 set it")
     ax2.grid(axis="y", alpha=0.3)
     ax2.legend(loc="upper left")
     fig.tight_layout()
@@ -104,7 +114,7 @@ def plot(path, results, dense_acc, gradual, layer_bars):
 def export_to_torch(params, masks, x_test, out_dir):
     """Step 4: jprune -> torch checkpoint -> torch LeNet; returns (agreement, path, torch preds)."""
     import torch
-    from jprune.interop import load_pruned_state_dict, to_torch
+    from jprune.interop import load_pruned_state_dict, save, to_torch
 
     ckpt = {
         "params": jax.tree.map(np.asarray, params),
@@ -113,6 +123,12 @@ def export_to_torch(params, masks, x_test, out_dir):
     state_dict = to_torch(ckpt)
     path = os.path.join(out_dir, "lenet_pruned90.pt")
     torch.save(state_dict, path)
+    compact = os.path.join(out_dir, "lenet_pruned90.compact.msgpack")  # kept values + packed masks
+    save(ckpt, compact, compact=True)
+    print(
+        f"checkpoint sizes: torch .pt {os.path.getsize(path)} B (weight_orig + float32 weight_mask), "
+        f"compact {os.path.getsize(compact)} B ({compact})"
+    )
 
     model = lenet.torch_lenet()
     load_pruned_state_dict(model, torch.load(path, weights_only=True))
@@ -200,7 +216,7 @@ def main(argv=None):
     # ft_epochs, re-pruning every 10 steps inside the jitted step, then as long again at 90 %.
     steps_per_epoch = len(x_tr) // args.batch_size
     prune_steps = max(args.ft_epochs * steps_per_epoch - 1, 1)
-    schedule = jp.polynomial_sparsity(0.9, 0, prune_steps, frequency=min(10, prune_steps))
+    schedule = jp.polynomial_sparsity(0.9, 0, prune_steps)
     gradual_step = lenet.make_train_step(ft_tx, schedule, frequency=min(10, prune_steps))
     g_params, g_masks = train(
         params, all_kept, gradual_step, ft_tx, data, epochs=2 * args.ft_epochs,
@@ -218,6 +234,25 @@ def main(argv=None):
         )
     )
 
+    # Two other splits, each one-shot then fine-tuned like the rows above: 90 % with layer
+    # sparsities from Erdős–Rényi-kernel (RigL), and 2:4 N:M on the fully connected layers (the
+    # conv kernels' input axes, 1 and 6, do not tile into groups of 4).
+    other = {
+        "one-shot ERK 90%": jp.prune_to_sparsity(params, 0.9, scope="erk"),
+        "one-shot N:M 2:4 (fc layers)": jp.n_m_unstructured(params, 2, 4, select="fc*/kernel"),
+    }
+    extra = []
+    for j, (label, masks) in enumerate(other.items()):
+        acc_oneshot = lenet.accuracy(params, masks, x_te, y_te)
+        o_params, o_masks = train(
+            params, _all_arrays(masks, all_kept), ft_step, ft_tx, data, epochs=args.ft_epochs,
+            key=jax.random.fold_in(key, 50 + j), desc=f"fine-tune {label}", **fit,
+        )  # fmt: skip
+        extra.append(
+            (label, jp.sparsity(o_masks).fraction, acc_oneshot, lenet.accuracy(o_params, o_masks, x_te, y_te))
+        )
+        kept[label] = (o_params, o_masks)
+
     lines = [
         f"dense accuracy: {100 * dense_acc:.2f} %  (held-out: {len(x_te)} images)",
         f"{'method':<34}{'sparsity':>10}{'no fine-tune':>14}{'fine-tuned':>12}{'vs dense':>10}",
@@ -227,11 +262,18 @@ def main(argv=None):
             f"{'one-shot global L1':<34}{100 * real:>9.1f}%{100 * a0:>13.2f}%{100 * a1:>11.2f}%"
             f"{100 * (a1 - dense_acc):>+9.2f}"
         )
+    for label, real, a0, a1 in extra:
+        lines.append(
+            f"{label:<34}{100 * real:>9.1f}%{100 * a0:>13.2f}%{100 * a1:>11.2f}%"
+            f"{100 * (a1 - dense_acc):>+9.2f}"
+        )
     label = f"gradual (cubic, {2 * args.ft_epochs} epochs)"
     lines.append(
         f"{label:<34}{100 * g_sparsity:>9.1f}%{'-':>14}{100 * g_acc:>11.2f}%"
         f"{100 * (g_acc - dense_acc):>+9.2f}"
     )
+    nm_layers = [r.path for r in jp.sparsity(kept["one-shot N:M 2:4 (fc layers)"][1]).rows if r.n_m]
+    lines.append(f"2:4 pattern after fine-tuning (jp.sparsity): {', '.join(nm_layers)}")
     table = os.path.join(args.out, "accuracy_vs_sparsity.txt")
     with open(table, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -244,8 +286,10 @@ def main(argv=None):
     bars = {
         f"one-shot {target:.0%} + fine-tune": per_layer(ft90_masks, ft90_params),
         "gradual 90%": per_layer(g_masks, g_params),
+        "ERK 90% + fine-tune": per_layer(*reversed(kept["one-shot ERK 90%"])),
+        "2:4 + fine-tune": per_layer(*reversed(kept["one-shot N:M 2:4 (fc layers)"])),
     }
-    plot(png, results, dense_acc, (g_sparsity, g_acc), bars)
+    plot(png, results, dense_acc, (g_sparsity, g_acc), bars, [(lb, s, a1) for lb, s, _, a1 in extra])
     print(f"plot: {png}; table: {table}")
 
     # 4. Export to torch --------------------------------------------------------------------
@@ -274,6 +318,8 @@ def main(argv=None):
         "dense": dense_acc,
         "results": results,
         "gradual": (g_sparsity, g_acc),
+        "extra": {label: (real, a0, a1) for label, real, a0, a1 in extra},
+        "nm_layers": nm_layers,
         "agreement": agreement,
         "exact_zero": exact_zero,
         "structured": structured,

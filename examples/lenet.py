@@ -1,4 +1,5 @@
-"""The seed's LeNet (torch's pruning tutorial) in Flax Linen and NNX, the digits data, and helpers.
+"""The seed's LeNet (torch's pruning tutorial) in Flax Linen and NNX, the digits data, and a Linen
+train step that uses only public jprune helpers (NNX helpers: ``jprune.nnx``).
 
 LeNet: conv1 6@3x3, conv2 16@3x3, fc1 16*5*5->120, fc2 120->84, fc3 84->10 on 28x28 inputs,
 each conv followed by ReLU and 2x2 max-pooling. The Flax models flatten in torch's (C, H, W)
@@ -96,68 +97,6 @@ def torch_lenet():
 
 
 # --------------------------------------------------------------------------------------------
-# NNX: masks as non-trainable variables next to the params they mask
-
-
-class PruneMask(nnx.Variable):
-    """A pruning mask. Not an ``nnx.Param``: ``nnx.grad`` and ``nnx.Optimizer(wrt=nnx.Param)``
-    leave it alone. Stored next to its param as ``<name>_mask`` (``conv1.kernel_mask``)."""
-
-
-def _param_paths(model):
-    return [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-
-
-def attach_masks(model, masks) -> None:
-    """Stores ``masks`` (mirroring ``nnx.state(model, nnx.Param)``) on ``model`` as PruneMasks."""
-    flat = dict(nnx.to_flat_state(nnx.state(masks)) if isinstance(masks, nnx.State) else [])
-    if not flat:
-        flat = {
-            tuple(getattr(k, "key", k) for k in p): m
-            for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]
-        }
-    for path in _param_paths(model):
-        m = flat.get(path)
-        if m is None:
-            continue
-        m = m.get_value() if isinstance(m, nnx.Variable) else m
-        owner = model
-        for k in path[:-1]:
-            owner = owner[k] if isinstance(k, int) else getattr(owner, k)
-        name = f"{path[-1]}_mask"
-        if isinstance(getattr(owner, name, None), PruneMask):
-            getattr(owner, name).set_value(m)
-        else:
-            setattr(owner, name, PruneMask(m))
-
-
-def read_masks(model):
-    """The masks stored on ``model``, as a pure pytree mirroring ``nnx.as_pure(nnx.state(model,
-    nnx.Param))`` (None where a param has no mask) — the form ``jp.keep_pruned`` takes."""
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
-    masks = {
-        path[:-1] + (path[-1][: -len("_mask")],): v.get_value()
-        for path, v in nnx.to_flat_state(nnx.state(model, PruneMask))
-    }
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p) for p, _ in flat]
-    return treedef.unflatten([masks.get(k) for k in keys])
-
-
-def masked_view(model):
-    """``model`` with effective weights ``param * mask``, for the forward pass (differentiable)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    masks = read_masks(model)
-    effective = jax.tree.map(
-        lambda v, m: v if m is None else v.replace(v.get_value() * m.astype(v.dtype)),
-        params,
-        masks,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return nnx.merge(graphdef, effective, rest)
-
-
-# --------------------------------------------------------------------------------------------
 # Data
 
 
@@ -227,14 +166,15 @@ def accuracy(params, masks, x, y) -> float:
     return float(np.mean(np.asarray(predict(params, masks, x)) == y))
 
 
-def make_train_step(tx, schedule=None, *, frequency=1, scope="global"):
+def make_train_step(tx, schedule=None, *, frequency=1, **prune):
     """A jitted Linen train step ``(params, opt_state, step, x, y) -> (params, opt_state, loss)``.
 
     ``tx`` must contain ``jp.keep_pruned``, and the params must start at 0 where pruned
     (``jp.apply_masks(params, masks)`` once): the wrapper then holds them at exactly 0, so the
     forward pass uses the params as they are, with no per-step masking. With a ``schedule`` the
     masks are re-pruned every ``frequency`` steps inside the step (``jp.update_masks`` zeroes the
-    newly pruned params; traced sparsity: one compile for the whole run).
+    newly pruned params; traced sparsity: one compile for the whole run); ``prune`` takes
+    ``jp.update_masks``'s ``scope``, ``pattern``, ``max_sparsity``, ``select``.
     """
 
     def loss_fn(params, x, y):
@@ -247,7 +187,7 @@ def make_train_step(tx, schedule=None, *, frequency=1, scope="global"):
         params = optax.apply_updates(params, updates)
         if schedule is not None:
             masks = jp.get_masks(opt_state)
-            params, masks = jp.update_masks(params, masks, step, schedule, frequency=frequency, scope=scope)
+            params, masks = jp.update_masks(params, masks, step, schedule, frequency=frequency, **prune)
             opt_state = jp.set_masks(opt_state, masks)
         return params, opt_state, loss
 

@@ -16,6 +16,11 @@ The Flax checkpoint dict (numpy leaves; what `.msgpack` files and orbax director
      "torch": {"recipe": str,   # JSON: every torch key in order -> Flax place, layout, torch dtype
                "extra": {...}}} # tensors with no Flax place, verbatim (num_batches_tracked...)
 
+Files (`load`/`save`): jprune's own (`.msgpack`, orbax, and `.safetensors` it writes) store masks
+at 1 bit per entry, losslessly; `save(..., compact=True)` (`jprune compact IN OUT`) stores only
+the kept values of each pruned tensor plus its packed mask (the pruned entries' values load as
+zeros: the same effective weights and outputs) and tensors at least half zeros as their nonzeros.
+
 `"torch"` is what makes the round trip exact (key order, mask dtypes such as bf16/fp16/fp64,
 unknown keys); drop it and `to_torch` derives torch names from the Flax names instead.
 

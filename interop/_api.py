@@ -124,7 +124,7 @@ def to_torch(ckpt: Mapping, template=None) -> "OrderedDict[str, torch.Tensor]":
     return _convert._to_torch(ckpt, _read_torch(template)[0], progress=False)
 
 
-def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
+def convert(src, dst, *, template=None, progress: bool | None = None, compact: bool = False) -> None:
     """Converts a checkpoint file between torch and Flax formats; direction by extension.
 
     Reads all of `src` and converts it in memory before anything is written, then writes `dst`
@@ -138,6 +138,7 @@ def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
       template: optional template passed on to `from_torch` (Flax params) or `to_torch` (a torch
         state_dict or module).
       progress: show a progress bar; None shows one for large checkpoints on a terminal.
+      compact: write a compact checkpoint (see `save`).
 
     Raises:
       FileNotFoundError: `src` does not exist.
@@ -157,7 +158,7 @@ def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
     """
     src, dst = os.fspath(src), os.fspath(dst)
     src_kind = _files.kind(src)
-    dst_fmt = _files.check_destination(dst)  # refuse before the (long) read
+    dst_fmt = _files.check_destination(dst, compact=compact)  # refuse before the (long) read
     if src_kind == "torch":
         obj, mmap = _read_torch(src)
     else:
@@ -169,7 +170,7 @@ def convert(src, dst, *, template=None, progress: bool | None = None) -> None:
             obj = _convert._to_torch(obj, template, progress=progress)
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from e
-    _files.save(obj, dst)
+    _files.save(obj, dst, compact=compact)
 
 
 def apply_to_torch(module: torch.nn.Module, masks) -> None:

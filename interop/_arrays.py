@@ -53,6 +53,14 @@ def to_torch(a) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the memory of C-contiguous numpy array `a` (bf16 and float8 included)."""
+    if a.dtype in _FROM_NUMPY:
+        int_dtype, dtype = _FROM_NUMPY[a.dtype]
+        return torch.from_numpy(a.view(np.dtype(str(int_dtype).removeprefix("torch.")))).view(dtype)
+    return torch.from_numpy(a)
+
+
 def to_torch_dtype(a: np.ndarray) -> torch.dtype:
     """The torch dtype that holds the values of numpy array `a` exactly."""
     if a.dtype in _FROM_NUMPY:

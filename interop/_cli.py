@@ -1,4 +1,5 @@
-"""The `jprune` command: `jprune inspect FILE [--json]`, `jprune convert SRC DST`.
+"""The `jprune` command: `jprune inspect FILE [--json]`, `jprune convert SRC DST [--compact]`,
+`jprune compact SRC DST`.
 
 Every failure is one line on stderr, `jprune: error: ...`, naming the file: exit 1 for a refusal
 (malformed input, a destination that is not a checkpoint, a failed write), 3 for an unexpected
@@ -14,6 +15,12 @@ import sys
 import warnings
 
 from . import _api, _files, _inspect
+
+_COMPACT_HELP = (
+    "store only the kept values of each pruned tensor (pruned entries' values are dropped: they "
+    "load as zeros, the effective weights are the same), and tensors at least half zeros as their "
+    "nonzeros; .safetensors, .msgpack or orbax"
+)
 
 
 def _table(summary: dict) -> str:
@@ -38,7 +45,19 @@ def _table(summary: dict) -> str:
         f"({summary['pruned']} of {summary['numel_pruned_tensors']} entries in {n} pruned "
         f"tensor{'s' if n != 1 else ''}; {summary['numel_params']} parameters in all)"
     )
+    if "file_bytes" in summary:
+        lines.append(
+            f"size: {_bytes(summary['file_bytes'])} on disk, {_bytes(summary['dense_bytes'])} dense "
+            f"(the tensors without masks): {100 * summary['ratio']:.1f}% of dense"
+        )
     return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _template(path):
@@ -63,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
       >>> from jprune.interop._cli import main
       >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
       >>> save({"fc.weight_orig": torch.ones(2, 2), "fc.weight_mask": torch.eye(2)}, path)
-      >>> main(["inspect", path])
+      >>> main(["inspect", path])  # doctest: +ELLIPSIS
       name       shape   dtype    pruned  sparsity
       fc.weight  (2, 2)  float32  2/4     50.00%
       global sparsity: 50.00% (2 of 4 entries in 1 pruned tensor; 4 parameters in all)
+      size: ... on disk, 16 B dense (the tensors without masks): ...% of dense
       0
     """
     parser = argparse.ArgumentParser(
@@ -84,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         help="names/layouts for the other side: a Flax file (torch -> Flax) or a torch file (Flax -> torch)",
     )
     p_convert.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p_convert.add_argument("--compact", action="store_true", help=_COMPACT_HELP)
+    p_compact = sub.add_parser(
+        "compact", help="write a compact checkpoint: only the kept values of pruned tensors, masks packed"
+    )
+    p_compact.add_argument("src")
+    p_compact.add_argument("dst", help=".safetensors, .msgpack or an orbax directory")
+    p_compact.add_argument(
+        "--template", help="names/layouts for the other side, as for convert (when the kinds differ)"
+    )
+    p_compact.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     args = parser.parse_args(argv)
     # Libraries' warnings (torch, numpy, orbax) would add lines to the one-line error; they are
     # shown, one line each, only when the command succeeded.
@@ -104,7 +134,8 @@ def _run(args) -> int:
         else:
             template = _template(args.template) if args.template else None
             progress = False if args.no_progress else None
-            _api.convert(args.src, args.dst, template=template, progress=progress)
+            compact = args.command == "compact" or args.compact
+            _api.convert(args.src, args.dst, template=template, progress=progress, compact=compact)
             print(f"wrote {args.dst}")
     except (ValueError, TypeError, OSError, pickle.UnpicklingError, MemoryError) as e:
         message = " ".join(str(e).split()) or type(e).__name__

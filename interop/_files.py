@@ -10,6 +10,11 @@ refused before anything is read), every read is bounded by the file's size, and 
 checked (`_check_state_dict`, `_check_ckpt`) before anything uses it. A malformed file raises
 ValueError (or pickle.UnpicklingError, OSError) whose message starts with the path.
 
+Masks are stored packed (`_packed`: 1 bit per entry, deflated when shorter), in msgpack and
+orbax under `"packed"` (format `jprune.interop/2`; version 1 files, with bool masks, still load),
+in safetensors as uint8 records listed in the metadata `jprune.packed`; compact files hold only
+kept values (see `save`). Every record is checked before it is decoded, slice by slice.
+
 Writing goes through one atomic writer (`_atomic`): the new checkpoint is written into a temporary
 directory `.NAME.<pid>@<host>.<random>.tmp` next to the destination and moved onto it only once
 complete (`os.replace` for files; an atomic exchange, Linux `renameat2(RENAME_EXCHANGE)`, for
@@ -40,13 +45,14 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from . import _arrays, _convert
+from . import _arrays, _convert, _packed
 
 TORCH_SUFFIXES = (".pt", ".pth", ".safetensors")
 FLAX_SUFFIXES = (".msgpack", ".orbax")
 _ORBAX_META = "jprune"
 _ORBAX_STATE = "state"
-_FORMAT = "jprune.interop/1"
+_FORMAT = "jprune.interop/2"  # 2: masks and compact tensors as packed records (`_packed`)
+_FORMATS = ("jprune.interop/1", _FORMAT)  # 1: bool masks, one byte per entry; still read
 _CKPT_KEYS = ("params", "masks", "batch_stats", "torch")
 
 
@@ -285,18 +291,50 @@ def _load_safetensors(path: str) -> Mapping:
     with _open_regular(path), _parsing(path, "safetensors file"), safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         keys = list(f.keys())
-        order = keys
+        packed = {}
+        if "jprune.packed" in meta:
+            packed = _json_meta(
+                path,
+                meta,
+                "jprune.packed",
+                lambda v: (
+                    isinstance(v, dict)
+                    and all(k in keys for k in v)
+                    and all(
+                        x is None
+                        or isinstance(x, list)
+                        and len(x) == 2
+                        and all(isinstance(y, str) for y in x)
+                        and x[0] not in keys
+                        for x in v.values()
+                    )
+                ),
+                "a JSON object naming the file's packed tensors",
+            )
+        folded = [x[0] for x in packed.values() if x is not None]
+        if len(set(folded)) != len(folded):
+            raise ValueError(f"{path}: metadata 'jprune.packed' folds one mask into two tensors")
+        order = keys + folded
         if "jprune.key_order" in meta:
             order = _json_meta(
                 path,
                 meta,
                 "jprune.key_order",
                 lambda v: (
-                    isinstance(v, list) and all(isinstance(k, str) for k in v) and sorted(v) == sorted(keys)
+                    isinstance(v, list)
+                    and all(isinstance(k, str) for k in v)
+                    and sorted(v) == sorted(keys + folded)
                 ),
                 "a JSON list of the file's tensor names",
             )
-        sd = OrderedDict((k, f.get_tensor(k)) for k in order)
+        tensors = {}
+        for k in keys:
+            t = f.get_tensor(k)
+            if k in packed:
+                tensors.update(_unpack_tensor(path, k, t, packed[k]))
+            else:
+                tensors[k] = t
+        sd = OrderedDict((k, tensors[k]) for k in order)
     if "jprune.torch_metadata" in meta:
         versions = _json_meta(
             path,
@@ -307,6 +345,38 @@ def _load_safetensors(path: str) -> Mapping:
         )
         sd._metadata = OrderedDict(versions.items())
     return _check_state_dict(sd, path)
+
+
+def _unpack_tensor(path: str, key: str, t: torch.Tensor, fold) -> dict:
+    """The tensors a packed record of a .safetensors file stands for: `{key: tensor}`, plus the
+    folded mask `{mask key: mask}` for a "values" record."""
+    name = f"{path}: tensor {key!r}"
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise ValueError(f"{name} is {t.dtype} of shape {tuple(t.shape)}, expected a packed record (uint8)")
+    record = t.numpy()
+    kind = _packed.header(record, name).kind
+    if (kind == "values") != (fold is not None):
+        raise ValueError(
+            f"{name}: a {kind!r} record, but the metadata {'names' if fold else 'does not name'} "
+            "a mask folded into it"
+        )
+    mask_dtype = None
+    if fold is not None:
+        try:
+            mask_dtype = _arrays.to_numpy(torch.empty(0, dtype=_arrays.torch_dtype(fold[1]))).dtype
+        except ValueError:
+            mask_dtype = None
+        if mask_dtype is None or not _packed.supported(mask_dtype):
+            raise ValueError(
+                f"{name}: the mask folded into it has dtype {fold[1]!r}, not a torch dtype it can hold"
+            )
+    values, mask = _packed.unpack(record, name, mask_dtype=mask_dtype)
+    if kind == "mask":
+        return {key: _arrays.from_numpy(mask)}
+    out = {key: _arrays.from_numpy(values)}
+    if fold is not None:
+        out[fold[0]] = _arrays.from_numpy(mask)
+    return out
 
 
 def _check_recipe(path: str, recipe) -> None:
@@ -385,6 +455,13 @@ def _load_msgpack(path: str) -> dict:
     data = _read_all(path)
     with _parsing(path, "msgpack checkpoint"):
         ckpt = serialization.msgpack_restore(data)
+    del data
+    if isinstance(ckpt, Mapping) and "format" in ckpt:
+        if ckpt["format"] != _FORMAT:
+            raise ValueError(
+                f"{path}: expected a jprune checkpoint of format {_FORMAT!r}, got {ckpt['format']!r}"
+            )
+        ckpt = _packed.unpack_ckpt({k: v for k, v in ckpt.items() if k != "format"}, path)
     return _check_ckpt(ckpt, path)
 
 
@@ -437,7 +514,7 @@ def _orbax_meta(path: str) -> dict:
         raise ValueError(f"{path}: not an orbax checkpoint written by jprune (no '{_ORBAX_META}')")
     with _parsing(meta_file, "JSON file"):
         meta = json.loads(_read_all(meta_file))
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in _FORMATS:
         got = meta.get("format") if isinstance(meta, dict) else "not a JSON object"
         raise ValueError(f"{meta_file}: expected jprune metadata of format {_FORMAT!r}, got {got!r}")
     return meta
@@ -478,15 +555,20 @@ def _load_orbax(path: str) -> dict:
             raise ValueError(f"{path}: declares {declared} bytes of arrays, more than this machine's memory")
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         state = pc.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    if not isinstance(state, Mapping) or any(
-        k not in ("params", "masks", "batch_stats", "extra") for k in state
-    ):
+    entries = (
+        ("params", "masks", "batch_stats", "extra")
+        if meta["format"] != _FORMAT
+        else ("params", "packed", "batch_stats", "extra")
+    )
+    if not isinstance(state, Mapping) or any(k not in entries for k in state):
         raise ValueError(f"{path}: not an orbax checkpoint written by jprune (unexpected state entries)")
     ckpt = {"params": state.get("params", {}), "masks": state.get("masks", {})}
     if "batch_stats" in state:
         ckpt["batch_stats"] = state["batch_stats"]
     if meta.get("recipe") is not None or "extra" in state:
         ckpt["torch"] = {"recipe": meta.get("recipe"), "extra": state.get("extra")}
+    if meta["format"] == _FORMAT:
+        ckpt = _packed.unpack_ckpt({**ckpt, "packed": state.get("packed", {})}, path)
     return _check_ckpt(ckpt, path)
 
 
@@ -675,11 +757,63 @@ def _atomic(path: str, *, directory: bool):
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _save_safetensors(sd: Mapping, path: str) -> None:
+def _binary(key: str, t: torch.Tensor) -> np.ndarray | None:
+    """`t != 0` as bool if every entry of `t` is exactly 0 or 1 (bit for bit) and a packed
+    record can restore its dtype, else None."""
+    if not _packed.supported(_arrays.to_numpy(torch.empty(0, dtype=t.dtype)).dtype):
+        return None
+    try:
+        return _arrays.bool_mask(key, t, None)
+    except ValueError:
+        return None
+
+
+def _packed_tensors(sd: Mapping, compact: bool) -> tuple[dict, dict]:
+    """The tensors a jprune .safetensors file stores for `sd`, and its `jprune.packed` metadata:
+    every binary `X_mask` becomes a "mask" record; with `compact`, a binary `X_mask` beside an
+    `X_orig` of its shape folds into a "values" record of `X_orig` (metadata: the mask's key and
+    dtype), and other tensors at least half zeros become "zeros" records."""
+
+    def record(r: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(r), dtype=torch.uint8)
+
+    folded, packed, tensors = {}, {}, {}
+    if compact:
+        for key, t in sd.items():
+            mask_key = f"{key[:-5]}_mask"
+            if key.endswith("_orig") and mask_key in sd and sd[mask_key].shape == t.shape:
+                m = _binary(mask_key, sd[mask_key])
+                if m is not None and _packed.supported(_arrays.to_numpy(torch.empty(0, dtype=t.dtype)).dtype):
+                    folded[key], folded[mask_key] = (mask_key, m), None
+    for key, value in sd.items():
+        if key in folded:
+            if folded[key] is not None:
+                mask_key, m = folded[key]
+                v = _arrays.to_numpy(value.detach().cpu().contiguous())
+                tensors[key] = record(_packed.pack_values(v, m))
+                packed[key] = [mask_key, _arrays.dtype_name(sd[mask_key].dtype)]
+            continue
+        m = _binary(key, value) if key.endswith("_mask") else None
+        if m is not None:
+            dtype = _arrays.to_numpy(torch.empty(0, dtype=value.dtype)).dtype
+            tensors[key], packed[key] = record(_packed.pack_mask(m, dtype)), None
+            continue
+        if compact:
+            v = _arrays.to_numpy(value.detach().cpu().contiguous())
+            nonzero = _packed.mostly_zero(v)
+            if nonzero is not None:
+                tensors[key], packed[key] = record(_packed.pack_values(v, nonzero, kind="zeros")), None
+                continue
+        tensors[key] = value
+    return tensors, packed
+
+
+def _save_safetensors(sd: Mapping, path: str, *, compact: bool = False) -> None:
     from safetensors.torch import save_file
 
+    stored, packed = _packed_tensors(sd, compact)
     tensors, seen = {}, set()
-    for key, value in sd.items():
+    for key, value in stored.items():
         value = value.detach().cpu().contiguous()
         ptr = (value.untyped_storage().data_ptr(), value.storage_offset())
         if value.numel() and ptr in seen:  # safetensors refuses shared (tied) tensors
@@ -687,6 +821,8 @@ def _save_safetensors(sd: Mapping, path: str) -> None:
         seen.add(ptr)
         tensors[key] = value
     meta = {"jprune.key_order": json.dumps(list(sd))}
+    if packed:
+        meta["jprune.packed"] = json.dumps(packed)
     if getattr(sd, "_metadata", None) is not None:
         meta["jprune.torch_metadata"] = json.dumps({k: dict(v) for k, v in sd._metadata.items()})
     save_file(tensors, path, metadata=meta)
@@ -708,11 +844,12 @@ def _prune_none(tree):
     return tree
 
 
-def _save_orbax(ckpt: dict, path: str) -> None:
+def _save_orbax(ckpt: dict, path: str, *, compact: bool = False) -> None:
     import orbax.checkpoint as ocp
 
     torch_meta = ckpt.get("torch") or {}
-    state = {"params": ckpt["params"], "masks": ckpt["masks"]}
+    stored = _packed.pack_ckpt(ckpt, compact=compact, blob=lambda r: np.frombuffer(r, np.uint8))
+    state = {"params": stored["params"], "packed": stored["packed"]}
     if ckpt.get("batch_stats"):
         state["batch_stats"] = ckpt["batch_stats"]
     if torch_meta.get("extra"):
@@ -728,10 +865,10 @@ def _save_orbax(ckpt: dict, path: str) -> None:
         )
 
 
-def _save_msgpack(ckpt: dict, path: str) -> None:
+def _save_msgpack(ckpt: dict, path: str, *, compact: bool = False) -> None:
     from flax import serialization
 
-    data = serialization.msgpack_serialize(ckpt)
+    data = serialization.msgpack_serialize({"format": _FORMAT, **_packed.pack_ckpt(ckpt, compact=compact)})
     with open(path, "wb") as f:
         f.write(data)
 
@@ -755,15 +892,26 @@ def _destination(path) -> str:
     return os.path.abspath(path.rstrip("/"))
 
 
-def check_destination(path) -> str:
-    """The format a save to ``path`` writes, after refusing a destination it may not replace."""
+def _check_compact(path: str, fmt: str) -> None:
+    if fmt == "pt":
+        raise ValueError(
+            f"{path}: a compact checkpoint is written as .safetensors, .msgpack or an orbax "
+            "directory (torch.load reads .pt files, and it knows no compact tensors)"
+        )
+
+
+def check_destination(path, *, compact: bool = False) -> str:
+    """The format a save to ``path`` writes, after refusing a destination it may not replace
+    (or, with `compact`, a format that cannot be compact)."""
     path = _destination(path)
     fmt = _format(path)
+    if compact:
+        _check_compact(path, fmt)
     _check_destination(path, fmt)
     return fmt
 
 
-def save(obj, path) -> None:
+def save(obj, path, *, compact: bool = False) -> None:
     """Writes a torch state_dict or a Flax checkpoint dict, in the format the extension names.
 
     The write is atomic: the data goes to a temporary directory next to `path` and is moved onto
@@ -774,9 +922,22 @@ def save(obj, path) -> None:
     (key order kept); a checkpoint dict (as `from_torch` returns) goes to `.msgpack` or an orbax
     directory.
 
+    `.msgpack`, orbax and `.safetensors` store masks packed (see `_packed`): 1 bit per entry,
+    deflated when that is shorter, plus a header of ~40 bytes; `load` gives back exactly what was
+    saved (a float `X_mask` of a state_dict too, bit for bit; one that is not all 0/1 stays dense).
+
+    With `compact=True` only what the effective weights need is stored: a masked leaf (a state_dict's
+    `X_orig` with its `X_mask`) keeps only its kept values plus its packed mask, and an unmasked
+    leaf at least half zeros (e.g. after `jprune.remove`) keeps only its nonzero values plus where
+    they are. The values of pruned entries are dropped: they load as zeros, so `apply_masks` (and
+    torch's `X_orig * X_mask`) gives the same effective weights and every output is the same, but
+    `X_orig` itself is not the saved one; zeros come back as +0.0 (a -0.0 left by `remove` loses
+    its sign). Loading gives an ordinary checkpoint dict or state_dict.
+
     Args:
       obj: a state_dict (str -> Tensor) or a checkpoint dict with `params`.
       path: the output path; its extension picks the format.
+      compact: store only the kept values (not for `.pt`/`.pth`, which `torch.load` reads).
 
     Raises:
       ValueError: an unknown extension; a destination that is not a checkpoint of that format;
@@ -791,6 +952,10 @@ def save(obj, path) -> None:
       >>> save({"params": {"w": np.ones(2, np.float32)}, "masks": {"w": None}}, path)
       >>> load(path)["masks"]
       {'w': None}
+      >>> w = np.arange(1000, dtype=np.float32)
+      >>> save({"params": {"w": w}, "masks": {"w": w % 10 == 0}}, path, compact=True)
+      >>> os.path.getsize(path) < w.nbytes // 7, load(path)["params"]["w"][:11].tolist()
+      (True, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0])
     """
     path = _destination(path)
     fmt = _format(path)
@@ -810,7 +975,9 @@ def save(obj, path) -> None:
             )
         obj = _check_ckpt(_numpy_tree(dict(obj)), path)
         write = _save_orbax if fmt == "orbax" else _save_msgpack
+    if compact:
+        _check_compact(path, fmt)
     _check_destination(path, fmt)
     _clean_orphans(path)
     with _atomic(path, directory=fmt == "orbax") as tmp:
-        write(obj, tmp)
+        write(obj, tmp, **({"compact": compact} if fmt != "pt" else {}))

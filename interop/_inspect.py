@@ -58,6 +58,24 @@ def _flax_rows(ckpt: Mapping) -> tuple[list[dict], int]:
     return rows, numel
 
 
+def _dense_nbytes(obj: Mapping, fmt: str) -> int:
+    """The bytes of every tensor but the masks, dense: what the unpruned model takes."""
+    if fmt == "torch":
+        return sum(t.numel() * t.element_size() for k, t in obj.items() if not _is_mask(obj, k))
+    trees = [obj["params"], obj.get("batch_stats") or {}, (obj.get("torch") or {}).get("extra") or {}]
+    return sum(np.asarray(a).nbytes for tree in trees for _, a in _convert._leaf_paths(tree))
+
+
+def _is_mask(sd: Mapping, key: str) -> bool:
+    return key.endswith("_mask") and f"{key[:-5]}_orig" in sd
+
+
+def _file_nbytes(path) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
 def summarize(obj) -> dict:
     """Pruning summary of a torch state_dict, a Flax checkpoint dict, or a checkpoint file.
 
@@ -66,9 +84,11 @@ def summarize(obj) -> dict:
         reads).
 
     Returns:
-      `{"format", "tensors", "pruned", "numel_pruned_tensors", "numel_params", "sparsity"}`:
-      one row per pruned tensor (`name`, `shape`, `dtype`, `numel`, `pruned`, `sparsity`), the
-      pruned count, and the global sparsity over the pruned tensors.
+      `{"format", "tensors", "pruned", "numel_pruned_tensors", "numel_params", "sparsity",
+      "dense_bytes"}`: one row per pruned tensor (`name`, `shape`, `dtype`, `numel`, `pruned`,
+      `sparsity`), the pruned count, the global sparsity over the pruned tensors, and the bytes
+      of all tensors but the masks, dense. For a path also `"file_bytes"` (the file's size, or
+      the directory's) and `"ratio"` (file_bytes / dense_bytes).
 
     Raises:
       ValueError: `obj` is neither kind, or the file is unreadable (see `load`).
@@ -82,7 +102,9 @@ def summarize(obj) -> dict:
       >>> [(r["name"], r["pruned"]) for r in s["tensors"]], s["sparsity"]
       ([('weight', 2)], 0.25)
     """
+    path = None
     if isinstance(obj, str | os.PathLike):
+        path = obj
         obj = _files.load_torch(obj, mmap=True) if _files.kind(obj) == "torch" else _files.load(obj)
     if isinstance(obj, Mapping) and isinstance(obj.get("params"), Mapping):
         fmt, (rows, numel) = "flax", _flax_rows(obj)
@@ -92,11 +114,16 @@ def summarize(obj) -> dict:
         raise ValueError("Expected a torch state_dict or a Flax checkpoint dict with 'params'")
     pruned = sum(r["pruned"] for r in rows)
     total = sum(r["numel"] for r in rows)
-    return {
+    summary = {
         "format": fmt,
         "tensors": rows,
         "pruned": pruned,
         "numel_pruned_tensors": total,
         "numel_params": numel,
         "sparsity": pruned / total if total else 0.0,
+        "dense_bytes": _dense_nbytes(obj, fmt),
     }
+    if path is not None:
+        summary["file_bytes"] = _file_nbytes(path)
+        summary["ratio"] = summary["file_bytes"] / summary["dense_bytes"] if summary["dense_bytes"] else 0.0
+    return summary

@@ -53,25 +53,32 @@ __all__ = [
     "testing",
 ]
 
-# --- training (jprune/_train.py) ---
-from ._train import KeepPrunedState as KeepPrunedState
-from ._train import constant_sparsity as constant_sparsity
-from ._train import get_masks as get_masks
-from ._train import keep_pruned as keep_pruned
-from ._train import one_shot_sparsity as one_shot_sparsity
-from ._train import polynomial_sparsity as polynomial_sparsity
-from ._train import prune_to_sparsity as prune_to_sparsity
-from ._train import set_masks as set_masks
-from ._train import update_masks as update_masks
+# --- training: the optax wrapper (_optim), schedules (_schedules), gradual pruning (_gradual) ---
+from ._gradual import prune_to_sparsity as prune_to_sparsity
+from ._gradual import update_masks as update_masks
+from ._optim import KeepPrunedState as KeepPrunedState
+from ._optim import get_masks as get_masks
+from ._optim import keep_pruned as keep_pruned
+from ._optim import set_masks as set_masks
+from ._schedules import one_shot_sparsity as one_shot_sparsity
+from ._schedules import polynomial_sparsity as polynomial_sparsity
 
 __all__ += [
     "KeepPrunedState",
-    "constant_sparsity",
     "get_masks",
     "keep_pruned",
+    "nnx",
     "one_shot_sparsity",
     "polynomial_sparsity",
     "prune_to_sparsity",
     "set_masks",
     "update_masks",
 ]
+
+
+def __getattr__(name):
+    if name == "nnx":  # jprune.nnx imports flax.nnx: loaded on first use, not with jprune
+        import importlib
+
+        return importlib.import_module(".nnx", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

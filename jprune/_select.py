@@ -79,11 +79,14 @@ def given(keys, candidates=None):
 
 
 def use_histogram(total: int, method: str = "auto") -> bool:
-    """The method choice: histograms on CPU for large inputs, a sort elsewhere (or when small)."""
+    """The method choice: histograms on CPU for large inputs and in every multi-process program
+    (``jax.distributed``), a sort elsewhere (or when small)."""
     if method not in ("auto", "hist", "sort"):
         raise ValueError(f"method must be 'auto', 'hist' or 'sort', got {method!r}")
     if method != "auto":
         return method == "hist"
+    if jax.process_count() > 1:  # arrays span hosts: a sort would gather them, counts are reductions
+        return True
     return jax.default_backend() == "cpu" and total > _BINS
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,32 @@ def is_kernel(path: str, leaf) -> bool:
     )
 
 
+def is_variable(x) -> bool:
+    """An ``nnx.Variable`` (``Param``, an optimizer's ``OptArray``...): a box around one leaf.
+
+    Looked up lazily: without ``flax.nnx`` imported there can be none, and the core never imports it.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def _is_leaf(x) -> bool:
+    return x is None or is_variable(x)
+
+
+def unbox(x):
+    """A leaf without its ``nnx.Variable`` box (the value itself otherwise)."""
+    return x.get_value() if is_variable(x) else x
+
+
+def unbox_tree(tree):
+    """``tree`` with every ``nnx.Variable`` replaced by its value (``nnx.as_pure``); ``tree``
+    itself when it holds none."""
+    if not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
+        return tree
+    return jax.tree.map(unbox, tree, is_leaf=is_variable)
+
+
 def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
@@ -70,7 +97,10 @@ def as_array(path: str, v):
 class Tree:
     """A params pytree flattened to leaves, with the masks and scores aligned to it.
 
-    ``masks`` and ``importance_scores`` mirror ``params``; ``None`` marks a leaf without one. Leaves
+    ``masks`` and ``importance_scores`` mirror ``params``; ``None`` marks a leaf without one. An
+    ``nnx.Variable`` (``Param``, ``OptArray``) counts as the leaf it holds, in all three: masks from an
+    optimizer state line up with ``nnx.state(model, nnx.Param)``, and masks come out as plain arrays
+    (an ``nnx.State`` of arrays for an ``nnx.State`` of params), never wrapped as a ``Param``. Leaves
     that are not arrays (strings, functions) are carried along untouched and never selected. Only
     the leaves a call uses (masked or selected) become JAX arrays; the others are left as given.
 
@@ -80,7 +110,9 @@ class Tree:
     """
 
     def __init__(self, params, masks=None, scores=None, *, scores_name="importance_scores"):
-        flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)
+        self.boxes = [v if is_variable(v) else None for _, v in flat]
+        flat = [(p, unbox(v)) for p, v in flat]
         self.paths = [path_str(p) for p, _ in flat]
         if len(set(self.paths)) != len(self.paths):
             twice = sorted({p for p in self.paths if self.paths.count(p) > 1})
@@ -117,9 +149,18 @@ class Tree:
         if tree is None:
             return [None] * len(self.paths)
         try:
-            return self.treedef.flatten_up_to(tree)
+            leaves = self.treedef.flatten_up_to(tree)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{name} must mirror the structure of params: {e}") from None
+            # Another container with the very same leaf paths (a dict for an nnx.State) lines up too.
+            flat = {
+                path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]
+            }
+            known = set(self.paths)
+            extra = [p for p, x in flat.items() if p not in known and x is not None]
+            if extra or not all(p in flat for p in self.paths):
+                raise ValueError(f"{name} must mirror the structure of params: {e}") from None
+            leaves = [flat[p] for p in self.paths]
+        return [unbox(x) for x in leaves]
 
     def select(self, select: Select) -> list[int]:
         """Indices of the selected leaves (see the ``select`` argument of the pruning functions).
@@ -164,6 +205,13 @@ class Tree:
     def with_masks(self, new: dict[int, Any]):
         """The masks pytree: ``new[i]`` for the given leaves, the incoming mask (or None) elsewhere."""
         leaves = [new.get(i, m) for i, m in enumerate(self.masks)]
+        return self.treedef.unflatten(leaves)
+
+    def with_values(self, values):
+        """A pytree like params holding ``values``, each back in its leaf's ``nnx.Variable`` box."""
+        leaves = [
+            v if box is None else jax.tree.structure(box).unflatten([v]) for v, box in zip(values, self.boxes)
+        ]
         return self.treedef.unflatten(leaves)
 
     def any_traced(self, idx, *extra) -> bool:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _amount, _cpu, _select
+from . import _amount, _cpu, _pallas, _select
 from ._tree import Tree
 
 
@@ -133,11 +133,11 @@ def _prune_at_once(keyfns, args, k, *, joint, bits, method):
 _NATIVE_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def native_inputs(sources):
-    """The CPU kernel's ``(values, masks)`` for these sources, or None if it cannot take them.
+def kernel_inputs(sources):
+    """The kernels' ``(values, masks)`` for these sources, or None if they cannot take them.
 
-    It takes float scores of up to 32 bits (keys of ``|x|``) and the 31-bit random keys; every
-    other dtype (uint32 or bool values, integers, float64) takes the XLA path.
+    The kernels (``_cpu``, ``_pallas``) take float scores (keys of ``|x|``) and the 31-bit random
+    keys; every other dtype (uint32 or bool values, integers, float64) takes the XLA path.
     """
     values, masks = [], []
     for fn, args in sources:
@@ -152,18 +152,31 @@ def native_inputs(sources):
             return None
         values.append(value)
         masks.append(mask)
-    return (values, masks) if _cpu.usable(values + [m for m in masks if m is not None]) else None
+    return values, masks
+
+
+def native_inputs(sources):
+    """``kernel_inputs`` if the CPU kernel can take them here (built, one CPU device), else None."""
+    inputs = kernel_inputs(sources)
+    if inputs is None or not _cpu.usable(inputs[0] + [m for m in inputs[1] if m is not None]):
+        return None
+    return inputs
 
 
 def prune(sources, k, *, joint, bits=None, method="auto"):
     """Keep masks for the sources: ``k`` pruned per source, or across all of them (``joint``).
 
     ``bits`` is the key width of each source (32 by default). On CPU the native kernel (``_cpu``)
-    takes them when it can. Otherwise, sources that select by histograms run as separate passes
-    (fast on XLA:CPU, see ``_select``); the others, small or sorted, run as one jitted program: one
-    compilation instead of several.
+    takes them when it can; on GPU, with ``JPRUNE_PALLAS=1``, the Pallas kernels (``_pallas``).
+    Otherwise, sources that select by histograms run as separate passes (fast on XLA:CPU, see
+    ``_select``); the others, small or sorted, run as one jitted program: one compilation instead
+    of several.
     """
     bits = tuple(bits or [32] * len(sources))
+    if method == "auto" and _pallas.enabled():  # GPU with JPRUNE_PALLAS=1 (off by default: unmeasured)
+        inputs = kernel_inputs(sources)
+        if inputs is not None and _pallas.usable(*inputs):
+            return _pallas.prune(*inputs, k, joint=joint)
     native = native_inputs(sources) if method == "auto" else None
     if native is not None:  # the XLA path is the fallback that jax.export and other platforms get
         xla = functools.partial(_prune_xla, sources, k, joint=joint, bits=bits, method=method)

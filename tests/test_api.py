@@ -147,7 +147,8 @@ def test_nnx_and_linen_give_the_same_masks_for_the_same_values():
     mn = jp.global_unstructured(state, 0.6)
     ml = jp.global_unstructured(params, 0.6)
     for k in ("conv1", "fc1", "fc2"):
-        np.testing.assert_array_equal(mn[k]["kernel"].get_value(), ml[k]["kernel"])
+        # masks are plain arrays, never wrapped as a Param (issue #10)
+        np.testing.assert_array_equal(mn[k]["kernel"], ml[k]["kernel"])
 
 
 def test_linen_layout_matches_torch_linear_and_conv():

@@ -489,44 +489,7 @@ def test_default_selection_is_kernels_only():
 # Schedules and the optimizer wrapper
 
 
-@pytest.mark.parametrize(
-    "begin,end,frequency", [(0, 100, 7), (3, 10, 4), (0, 5, 10), (10, 11, 3), (0, 100, 10)]
-)
-def test_polynomial_sparsity_ends_exactly_at_final_sparsity(begin, end, frequency):
-    s = jp.polynomial_sparsity(0.9, begin_step=begin, end_step=end, frequency=frequency, initial_sparsity=0.1)
-    values = [float(s(t)) for t in range(0, end + 3 * frequency)]
-    assert float(s(end)) == float(np.float32(0.9))
-    assert values == sorted(values)  # never decreases
-    assert all(v == float(np.float32(0.9)) for v in values[end:])
-
-
-@pytest.mark.parametrize(
-    "kwargs,error",
-    [
-        ({"frequency": 2.5}, TypeError),
-        ({"end_step": math.inf}, TypeError),
-        ({"begin_step": 1.0}, TypeError),
-        ({"final_sparsity": math.nan}, ValueError),
-        ({"final_sparsity": math.inf}, ValueError),
-        ({"power": math.nan}, ValueError),
-    ],
-)
-def test_schedules_refuse_nan_inf_and_non_integer_steps(kwargs, error):
-    args = {"final_sparsity": 0.9, "begin_step": 0, "end_step": 10, **kwargs}
-    with pytest.raises(error):
-        jp.polynomial_sparsity(**args)
-    with pytest.raises((TypeError, ValueError)):
-        jp.one_shot_sparsity(0.5, step=2.5)
-    with pytest.raises(ValueError):
-        jp.constant_sparsity(math.nan)
-    with pytest.raises(TypeError):
-        jp.update_masks(
-            {"kernel": jnp.ones((2, 2))},
-            {"kernel": jnp.ones((2, 2), bool)},
-            0,
-            jp.constant_sparsity(0.5),
-            frequency=1.5,
-        )
+# (the schedules' own tests, ends exact and refusals included, are in tests/test_schedules.py)
 
 
 def test_keep_pruned_works_under_tree_map_params():

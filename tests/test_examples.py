@@ -38,6 +38,10 @@ def test_demo(tmp_path, capsys):
     assert result["agreement"] == 1.0
     assert result["exact_zero"]
     assert result["gradual"][0] == pytest.approx(0.9, abs=0.01)
+    text = (tmp_path / "accuracy_vs_sparsity.txt").read_text()
+    assert "one-shot ERK 90%" in text and "one-shot N:M 2:4 (fc layers)" in text
+    assert result["extra"]["one-shot ERK 90%"][0] == pytest.approx(0.9, abs=1e-4)
+    assert result["nm_layers"] == ["fc1/kernel", "fc2/kernel", "fc3/kernel"]  # still 2:4 after fine-tuning
     assert "torch vs jprune: 100.00 %" in out and "Done in" in out
     structured = result["structured"]
     assert structured["rel"] <= 1e-5  # the shrunk LeNet computes what the masked one does
@@ -59,6 +63,7 @@ def test_nnx_finetune(capsys):
     _run("nnx_finetune", ["--smoke"])
     out = capsys.readouterr().out
     assert "pruned weights exactly 0: True; train_step compiled 1 time(s)" in out
+    assert "2:4 layers: ['fc1/kernel', 'fc2/kernel', 'fc3/kernel']; gradual_step compiled 1 time(s)" in out
 
 
 def test_bench_train_smoke(capsys):

@@ -570,7 +570,9 @@ MALFORMED = {
         "expected jprune metadata",
     ),
     "orbax metadata bad recipe": (
-        lambda t: _orbax_with(t, "jprune/metadata", b'{"format": "jprune.interop/1", "recipe": 3}'),
+        lambda t: _orbax_with(
+            t, "jprune/metadata", json.dumps({"format": _files._FORMAT, "recipe": 3}).encode()
+        ),
         "recipe",
     ),
     "orbax state metadata garbage": (lambda t: _orbax_with(t, "state/_METADATA", b"{not json"), "orbax"),
@@ -675,18 +677,39 @@ def test_library_warnings_never_add_lines_to_an_error(tmp_path, capsys, monkeypa
 _FUZZ_SOURCES = {}
 
 
-def _fuzz_source(tmp_path_factory, fmt):
+# The compact formats: a 90 %-pruned tensor (deflated mask, kept values), a mostly-zero one.
+FUZZ = {**{fmt: (fmt, False) for fmt in EXT}, "msgpack-compact": ("msgpack", True)}
+FUZZ.update({"safetensors-compact": ("safetensors", True), "orbax-compact": ("orbax", True)})
+
+
+def _compact_source(fmt, path):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 50, generator=g)
+    mask = (w.abs() > 1.6).float()
+    zeros = torch.randn(400, generator=g) * (torch.arange(400) % 9 == 0)
+    if fmt == "safetensors":
+        save({"fc.weight_orig": w, "fc.weight_mask": mask, "z": zeros}, path, compact=True)
+    else:
+        params = {"fc": {"kernel": w.T.numpy(), "bias": np.ones(40, np.float32)}, "z": zeros.numpy()}
+        masks = {"fc": {"kernel": mask.T.numpy() > 0, "bias": None}, "z": None}
+        save({"params": params, "masks": masks}, path, compact=True)
+    return path
+
+
+def _fuzz_source(tmp_path_factory, fuzz):
     """A real small checkpoint per format, made once; for orbax, the file to damage is drawn."""
-    if fmt not in _FUZZ_SOURCES:
-        root = tmp_path_factory.mktemp(f"fuzz_{fmt}")
-        path = write(fmt, root / f"m{EXT[fmt]}")
+    fmt, compact = FUZZ[fuzz]
+    if fuzz not in _FUZZ_SOURCES:
+        root = tmp_path_factory.mktemp(f"fuzz_{fuzz}")
+        path = root / f"m{EXT[fmt]}"
+        path = _compact_source(fmt, path) if compact else write(fmt, path)
         files = (
             sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
             if fmt == "orbax"
             else [""]
         )
-        _FUZZ_SOURCES[fmt] = (path, files)
-    return _FUZZ_SOURCES[fmt]
+        _FUZZ_SOURCES[fuzz] = (path, files)
+    return _FUZZ_SOURCES[fuzz]
 
 
 def _mutate(data: bytes, how: str, at: int, byte: int) -> bytes:
@@ -699,7 +722,7 @@ def _mutate(data: bytes, how: str, at: int, byte: int) -> bytes:
     return data[:at] + bytes([byte]) * 3 + data[at:]
 
 
-@pytest.mark.parametrize("fmt", list(EXT))
+@pytest.mark.parametrize("fuzz", list(FUZZ))
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(
     how=st.sampled_from(["flip", "truncate", "insert"]),
@@ -707,8 +730,9 @@ def _mutate(data: bytes, how: str, at: int, byte: int) -> bytes:
     byte=st.integers(0, 255),
     which=st.integers(0, 100),
 )
-def test_fuzzed_files_load_or_are_refused_cleanly(tmp_path_factory, capsys, fmt, how, at, byte, which):
-    src, files = _fuzz_source(tmp_path_factory, fmt)
+def test_fuzzed_files_load_or_are_refused_cleanly(tmp_path_factory, capsys, fuzz, how, at, byte, which):
+    src, files = _fuzz_source(tmp_path_factory, fuzz)
+    fmt = FUZZ[fuzz][0]
     root = tmp_path_factory.mktemp("case")
     path = root / src.name
     if fmt == "orbax":

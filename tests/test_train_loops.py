@@ -1,7 +1,5 @@
-"""Pruning inside training loops: prune_to_sparsity / update_masks, Linen TrainState and NNX."""
-
-import os
-import sys
+"""Pruning inside training loops: prune_to_sparsity / update_masks, Linen TrainState and NNX (public
+helpers only: jp.* and jprune.nnx)."""
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +11,7 @@ from flax import nnx
 from flax.training import train_state
 
 import jprune as jp
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
-
-from lenet import PruneMask, attach_masks, masked_view, read_masks  # noqa: E402
+from jprune import nnx as jpnnx
 
 
 def _params(seed=0):
@@ -77,7 +72,7 @@ def test_prune_to_sparsity_select_and_scope_error():
     assert masks["b"]["kernel"] is None
     assert _n_pruned(masks["a"]["bias"]) == 10  # zeros go first
     assert _n_pruned(masks["a"]["kernel"]) == 25
-    with pytest.raises(ValueError, match='scope must be "global" or "layer"'):
+    with pytest.raises(ValueError, match='scope must be "global", "layer", "erk" or a dict'):
         jp.prune_to_sparsity(params, 0.5, scope="model")
 
 
@@ -102,7 +97,7 @@ def test_traced_sparsity_compiles_once(scope):
 
 def test_update_masks_follows_the_schedule_every_frequency_steps():
     params = _params()
-    schedule = jp.polynomial_sparsity(0.9, begin_step=2, end_step=12, frequency=5)
+    schedule = jp.polynomial_sparsity(0.9, begin_step=2, end_step=12)
     traces = []
 
     @jax.jit
@@ -134,9 +129,9 @@ def test_update_masks_needs_arrays_on_pruned_leaves():
     params = _params()
     masks = jax.tree.map(lambda p: None, params)
     with pytest.raises(ValueError, match="needs a mask array.*jp.identity"):
-        jp.update_masks(params, masks, 0, jp.constant_sparsity(0.5))
+        jp.update_masks(params, masks, 0, 0.5)
     with pytest.raises(ValueError, match="frequency must be"):
-        jp.update_masks(params, jp.identity(params), 0, jp.constant_sparsity(0.5), frequency=0)
+        jp.update_masks(params, jp.identity(params), 0, 0.5, frequency=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +154,7 @@ def test_linen_train_state_gradual_pruning_loop():
     model = MLP()
     params = model.init(jax.random.key(0), x)["params"]
     masks = jp.identity(params)
-    schedule = jp.polynomial_sparsity(0.8, begin_step=0, end_step=20, frequency=4)
+    schedule = jp.polynomial_sparsity(0.8, begin_step=0, end_step=20)
     state = train_state.TrainState.create(
         apply_fn=model.apply,
         params=params,
@@ -210,10 +205,9 @@ class NNXMLP(nnx.Module):
 def test_nnx_optimizer_loop_with_mask_swap():
     x, y = _data()
     model = NNXMLP(nnx.Rngs(0))
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
-    attach_masks(model, jp.global_unstructured(params, 0.5))
-    assert isinstance(model.a.kernel_mask, PruneMask) and not hasattr(model.a, "bias_mask")
-    tx = jp.keep_pruned(optax.adamw(1e-2, weight_decay=0.1), read_masks(model))
+    jpnnx.attach_masks(model, jp.global_unstructured(nnx.state(model, nnx.Param), 0.5))
+    assert isinstance(model.a.kernel_mask, jpnnx.PruneMask) and not hasattr(model.a, "bias_mask")
+    tx = jp.keep_pruned(optax.adamw(1e-2, weight_decay=0.1), jpnnx.masks_of(model))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     # The masks are not trainable: not in the optimizer's params, not differentiated.
     assert all("mask" not in str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -224,7 +218,7 @@ def test_nnx_optimizer_loop_with_mask_swap():
         traces.append(None)
 
         def loss_fn(model):
-            logits = masked_view(model)(x)
+            logits = jpnnx.masked_view(model)(x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -232,22 +226,20 @@ def test_nnx_optimizer_loop_with_mask_swap():
         return loss
 
     def check_zero():
-        p = nnx.as_pure(nnx.state(model, nnx.Param))
-        m = read_masks(model)
+        p, m = nnx.state(model, nnx.Param), jpnnx.masks_of(model)
         for k in ("a", "b"):
-            np.testing.assert_array_equal(np.asarray(p[k]["kernel"])[~np.asarray(m[k]["kernel"])], 0)
+            np.testing.assert_array_equal(np.asarray(p[k]["kernel"][...])[~np.asarray(m[k]["kernel"])], 0)
 
     for _ in range(5):
         train_step(model, optimizer, x, y)
     check_zero()
     mask_before = np.asarray(model.a.kernel_mask.get_value())
 
-    # Second round: prune further; swap masks on the model and in the optimizer state.
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
-    attach_masks(model, jp.prune_to_sparsity(params, 0.8, masks=read_masks(model)))
-    new_state = jp.set_masks(nnx.as_pure(optimizer.opt_state), read_masks(model))
-    nnx.update(optimizer.opt_state, nnx.state(new_state))
-    assert jp.sparsity(read_masks(model)).fraction == pytest.approx(0.8, abs=0.01)
+    # Second round: prune further; swap the masks on the model and in the optimizer, in place.
+    masks = jp.prune_to_sparsity(nnx.state(model, nnx.Param), 0.8, masks=jpnnx.masks_of(model))
+    jpnnx.attach_masks(model, masks)
+    jpnnx.set_masks(optimizer, masks)
+    assert jp.sparsity(jpnnx.masks_of(model)).fraction == pytest.approx(0.8, abs=0.01)
     assert not np.any(np.asarray(model.a.kernel_mask.get_value()) & ~mask_before)
     for _ in range(5):
         train_step(model, optimizer, x, y)
