@@ -19,7 +19,7 @@ The analysis reads shapes and op parameters only (no values), one pass over the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.extend.core as jcore
@@ -47,6 +47,7 @@ _CALLS = {  # call-like primitives and the parameter holding their body
     "closed_call": "call_jaxpr",
     "core_call": "call_jaxpr",
     "remat": "jaxpr",
+    "remat2": "jaxpr",
     "checkpoint": "jaxpr",
     "custom_jvp_call": "call_jaxpr",
     "custom_vjp_call": "call_jaxpr",
@@ -91,6 +92,7 @@ class Group:
     width: int
     members: tuple[Member, ...]
     reason: str | None
+    varies: str | None = None  # how the input reaches the channels besides their producers
 
     @property
     def prunable(self) -> bool:
@@ -111,12 +113,14 @@ class Groups:
       shapes: the leaf shapes.
     """
 
-    def __init__(self, groups, paths, shapes, treedef, program):
+    def __init__(self, groups, paths, shapes, treedef, program, consumers=None, bias=None):
         self.groups = tuple(groups)
         self.paths = tuple(paths)
         self.shapes = tuple(shapes)
         self.treedef = treedef
-        self.program = program  # (closed jaxpr, flat example args): for folding constants in shrink
+        self.program = program  # (closed jaxpr, array leaves of the example inputs): for folding
+        self.consumers = consumers or {}  # (leaf, axis) -> [(contraction eqn, activation side, kernel dim)]
+        self.bias = bias or {}  # id(contraction eqn) -> ((bias leaf, axis map), bias operand shape)
 
     def __iter__(self):
         return iter(self.groups)
@@ -161,6 +165,11 @@ class _Analysis:
         self.labels: dict = {}
         self.zview: dict = {}  # var -> (leaf, axis map): a leaf up to zero-preserving ops
         self.data: set = set()  # vars that depend on the model's inputs
+        self.varies: dict[int, str] = {}  # root -> how the input enters its values besides producers
+        self.consumers: dict[tuple[int, int], list] = {}  # (leaf, axis) -> [(eqn, act side, kernel dim)]
+        self.made_by: dict = {}  # var -> the contraction eqn that made it
+        self.bias: dict = {}  # id(contraction eqn) -> (leaf, axis map) of the bias added to its output
+        self.uses: dict = {}  # var -> number of uses
 
     # union-find over spaces
     def new(self, width, reason=None):
@@ -205,6 +214,8 @@ class _Analysis:
         self.members[ra].extend(self.members[rb])
         self.members[rb] = []
         self.reason[ra] = self.reason[ra] or self.reason[rb]
+        if rb in self.varies and ra not in self.varies:
+            self.varies[ra] = self.varies[rb]
 
     def pin_nodes(self, nodes, reason):
         for n in nodes:
@@ -217,6 +228,11 @@ class _Analysis:
         if label is not None:
             self.pin_nodes([n for n, _ in label], reason)
 
+    def vary(self, label, reason):
+        """The input reaches these channels other than through a producer (a kernel's output)."""
+        for n, _ in self.resolve(label) or ():
+            self.varies.setdefault(self.find(n), reason)
+
     def dissolve(self, root, label, where):
         """Space ``root`` (identity on an axis) is that axis's composite ``label``."""
         if any(n == root for n, _ in label):
@@ -227,6 +243,8 @@ class _Analysis:
                 self.members[self.find(n)].append((leaf, axis, _compose(pos, p)))
         if self.reason[root] is not None:
             self.pin_nodes([n for n, _ in label], self.reason[root])
+        if root in self.varies:
+            self.vary(label, self.varies[root])
         self.members[root] = []
         self.alias[root] = label
 
@@ -263,6 +281,9 @@ class _Analysis:
     def run(self, jaxpr, consts_labels):
         for v, lab in zip(jaxpr.constvars, consts_labels):
             self.labels[v] = lab
+        for v in [w for e in jaxpr.eqns for w in e.invars] + list(jaxpr.outvars):
+            if not isinstance(v, jcore.Literal):
+                self.uses[v] = self.uses.get(v, 0) + 1
         for eqn in jaxpr.eqns:
             self.eqn(eqn)
 
@@ -273,8 +294,10 @@ class _Analysis:
         data = any(not isinstance(v, jcore.Literal) and v in self.data for v in eqn.invars)
         outs = getattr(self, "op_" + prim, None)
         if prim in _ELEMENTWISE:
-            outs = [self.elementwise(prim, ins, inshapes, tuple(eqn.outvars[0].aval.shape))]
+            outs = [self.elementwise(prim, ins, inshapes, tuple(eqn.outvars[0].aval.shape), eqn.invars)]
             self.zero_view(eqn, prim)
+            if prim in ("add", "add_any"):
+                self.find_bias(eqn)
         elif prim in _REDUCE:
             outs = [self.reduce(prim, ins[0], eqn.params["axes"])]
         elif prim in _CUMULATIVE:
@@ -300,15 +323,29 @@ class _Analysis:
                 self.pin(a, f"{prim} (not understood) on axis {d} of operand {i}{where}")
         return [self.fresh(v.aval.shape, f"output of {prim}{where}") for v in eqn.outvars]
 
-    def elementwise(self, prim, ins, inshapes, shape):
+    def elementwise(self, prim, ins, inshapes, shape, invars):
         out = []
         for d, size in enumerate(shape):
-            lab = None
-            for x, s in zip(ins, inshapes):
+            lab, spread = None, False
+            for x, s, v in zip(ins, inshapes, invars):
                 if len(s) == len(shape) and s[d] == size:
                     lab = self.unify(lab, x[d], prim)
+                elif not isinstance(v, jcore.Literal) and v in self.data:
+                    spread = True  # a data-dependent operand broadcast along this axis
+            if spread and lab is not None:
+                self.vary(lab, f"{prim} with an input-dependent operand broadcast along the channels")
             out.append(lab)
         return tuple(out)
+
+    def find_bias(self, eqn):
+        """``add(contraction output, bias)``: where a constant channel's contribution can go."""
+        a, b = eqn.invars
+        for y, bias in ((a, b), (b, a)):
+            if isinstance(y, jcore.Literal) or isinstance(bias, jcore.Literal) or y not in self.made_by:
+                continue
+            if bias in self.zview and bias not in self.data and self.uses.get(y) == 1:
+                made = self.made_by[y]
+                self.bias.setdefault(id(made), (self.zview[bias], tuple(bias.aval.shape)))
 
     def zero_view(self, eqn, prim):
         if prim not in _ZERO_PRESERVING:
@@ -362,16 +399,19 @@ class _Analysis:
                 self.zview[outer] = self.zview[inner]
         return outs
 
-    def contract(self, pairs, ops, where):
+    def contract(self, eqn, pairs, ops, where):
         """Tie contracted axes (``pairs`` of (label, label, dim_lhs, dim_rhs)); mark consumers."""
         views = [None if isinstance(v, jcore.Literal) else self.zview.get(v) for v in ops]
         for la, lb, da, db in pairs:
             self.unify(la, lb, where)
             if views[0] is None and views[1] is None:
                 self.pin(la, f"{where} contracts it between two computed tensors")
-            for view, d in zip(views, (da, db)):
+            for side, (view, d) in enumerate(zip(views, (da, db))):
                 if view is not None and view[1][d] is not None:
                     self.roles.setdefault((view[0], view[1][d]), set()).add("in")
+                    self.consumers.setdefault((view[0], view[1][d]), []).append((eqn, 1 - side, d))
+        for v in eqn.outvars:
+            self.made_by[v] = eqn
 
     def produce(self, ops, free):
         """Mark the output (free) axes of a parameter contracted with data as producers."""
@@ -386,11 +426,20 @@ class _Analysis:
     def op_dot_general(self, eqn, ins, shapes):
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         L, R = ins
-        self.contract([(L[a], R[b], a, b) for a, b in zip(lc, rc)], eqn.invars, "dot_general")
+        self.contract(eqn, [(L[a], R[b], a, b) for a, b in zip(lc, rc)], eqn.invars, "dot_general")
         batch = [self.unify(L[a], R[b], "dot_general batch") for a, b in zip(lb, rb)]
         lf = [d for d in range(len(L)) if d not in lc and d not in lb]
         rf = [d for d in range(len(R)) if d not in rc and d not in rb]
         self.produce(eqn.invars, (lf, rf))
+        datas = [not isinstance(v, jcore.Literal) and v in self.data for v in eqn.invars]
+        views = [not isinstance(v, jcore.Literal) and v in self.zview for v in eqn.invars]
+        why = "dot_general with the input on both sides (attention)"
+        for lab in batch if all(datas) else ():
+            self.vary(lab, why)
+        for side, (lab, dims) in enumerate(((L, lf), (R, rf))):
+            if datas[1 - side] and not views[side]:
+                for d in dims:
+                    self.vary(lab[d], why)
         return [tuple(batch) + tuple(L[d] for d in lf) + tuple(R[d] for d in rf)]
 
     def op_conv_general_dilated(self, eqn, ins, shapes):
@@ -411,7 +460,7 @@ class _Analysis:
         cin, per, cout = shapes[0][lspec[1]], shapes[1][rspec[1]], shapes[1][rspec[0]]
         lf, rin, rout = L[lspec[1]], R[rspec[1]], R[rspec[0]]
         if groups == 1:
-            self.contract([(lf, rin, lspec[1], rspec[1])], eqn.invars, "conv")
+            self.contract(eqn, [(lf, rin, lspec[1], rspec[1])], eqn.invars, "conv")
             self.produce(eqn.invars, ([], [rspec[0]]))
             out[ospec[1]] = rout
         elif per == 1 and cin == groups:  # depthwise: output channel o reads input channel o // m
@@ -420,6 +469,8 @@ class _Analysis:
             if m > 1 and lf is not None:
                 lf = tuple((n, _expand(pos, self.width[n], m)) for n, pos in lf)
             out[ospec[1]] = self.unify(rout, lf, "depthwise conv")
+            if not isinstance(eqn.invars[1], jcore.Literal) and eqn.invars[1] in self.data:
+                self.vary(out[ospec[1]], "a depthwise conv with an input-dependent kernel")
         else:
             reason = f"a grouped conv (feature_group_count={groups}, {per} input channels per group)"
             for a in (lf, rin, rout):
@@ -600,6 +651,8 @@ class _Analysis:
         for d, o in zip(kept, dn.offset_dims):
             if p["slice_sizes"][d] == shapes[0][d] and d not in dn.start_index_map:
                 out[o] = op[d]
+                if not isinstance(eqn.invars[1], jcore.Literal) and eqn.invars[1] in self.data:
+                    self.vary(op[d], "gather (an embedding lookup) picks rows by the input")
             else:
                 self.pin(op[d], "gather along the channels")
                 out[o] = self.fresh((out_shape[o],), "gather output")[0]
@@ -692,16 +745,20 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     reduced over (a LayerNorm, a softmax over features), contracted between two computed tensors
     (attention scores), or meet an op the analysis does not understand — it is never guessed.
 
-    Python code that uses a width as a *number* (``x / jnp.sqrt(x.shape[-1])``) is invisible in the
-    program: check ``shrink``'s result on your inputs when your model does that.
+    Python code that uses a width as a *number* (``x / jnp.sqrt(x.shape[-1])``) is invisible in one
+    trace, so the program is traced a second time with one channel fewer per prunable group; a
+    literal or equation that changes makes the group unprunable. A Linen module checks its
+    parameters' shapes against its constructor, so it cannot be retraced at other widths: there,
+    check ``shrink``'s result on your inputs if your model reads widths as numbers.
 
     Args:
       apply_fn: ``apply_fn(tree, *args, **kwargs)``, e.g. ``model.apply`` for Linen (pass all
         variables, params and batch_stats, for a BatchNorm model, in inference mode), or
         ``lambda state, x: nnx.merge(graphdef, state)(x)`` for NNX (as ``nnx_groups`` does).
       tree: the variables: a pytree of arrays; every leaf is an input of the program.
-      *args, **kwargs: example inputs (only their shapes and dtypes matter for the groups; ``shrink``
-        evaluates the program on them to fold constant channels).
+      *args, **kwargs: example inputs: array leaves are the program's inputs (only their shapes and
+        dtypes matter for the groups; ``shrink`` evaluates the program on them to fold constant
+        channels); other leaves (``train=False``) are passed as they are.
 
     Returns:
       A ``Groups``: ``print`` it for a table of groups (width, members as ``path[axis]``, prunable
@@ -725,10 +782,15 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     for p, v in zip(paths, leaves):
         if not is_array(v):
             raise TypeError(f"channel_groups: the leaf at {p!r} is a {type(v).__name__}, not an array")
-    arg_leaves, arg_def = jax.tree_util.tree_flatten((args, kwargs))
+    everything, arg_def = jax.tree_util.tree_flatten((args, kwargs))
+    inputs = [i for i, a in enumerate(everything) if isinstance(a, jax.Array | np.ndarray)]
+    arg_leaves = [everything[i] for i in inputs]  # arrays are inputs; the rest (train=False) static
 
     def program(leaves, arg_leaves):
-        a, k = jax.tree_util.tree_unflatten(arg_def, arg_leaves)
+        filled = list(everything)
+        for i, a in zip(inputs, arg_leaves):
+            filled[i] = a
+        a, k = jax.tree_util.tree_unflatten(arg_def, filled)
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), *a, **k)
 
     closed = jax.make_jaxpr(program)(leaves, arg_leaves)
@@ -754,7 +816,84 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     for j, v in enumerate(jaxpr.outvars):
         for d, lab in enumerate(an.read(v)):
             an.pin(lab, f"reaches the model's output (output {j}, axis {d})")
-    return _collect(an, paths, [np.shape(v) for v in leaves], treedef, (closed, leaves, arg_leaves))
+    shapes = [np.shape(v) for v in leaves]
+    groups = _collect(an, paths, shapes, treedef, (closed, arg_leaves))
+    return _check_widths(groups, program, leaves, arg_leaves)
+
+
+_UNCHECKED = "unchecked"
+
+
+def _dtype(x):
+    return x.dtype if hasattr(x, "dtype") else np.result_type(x)
+
+
+def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
+    """Trace the program again with one channel fewer in every prunable group: a literal or an
+    equation that changes means Python code used a width as a number (``1 / sqrt(d)``) or
+    branched on it; such a group is made unprunable (one more trace when nothing changes). A
+    program that refuses other widths (a Linen module checks its parameter shapes) is not checked."""
+    todo = [g for g in groups.prunable if g.width > 1]
+    if not todo:
+        return groups
+    index = {p: i for i, p in enumerate(groups.paths)}
+
+    def trace(chosen):
+        shapes = [list(s) for s in groups.shapes]
+        for g in chosen:
+            for m in g.members:
+                shapes[index[m.path]][m.axis] -= m.positions(groups.shapes[index[m.path]][m.axis])[-1].size
+        structs = [jax.ShapeDtypeStruct(tuple(s), _dtype(v)) for s, v in zip(shapes, leaves)]
+        args = [jax.ShapeDtypeStruct(np.shape(a), _dtype(a)) for a in arg_leaves]
+        try:
+            return _difference(groups.program[0], jax.make_jaxpr(program)(structs, args))
+        except Exception:  # noqa: BLE001 - the program checks its widths (Linen): no check possible
+            return _UNCHECKED
+
+    first = trace(todo)
+    if first is None or first is _UNCHECKED:
+        return groups
+    why = {g.id: trace([g]) for g in todo}
+    why = {k: (None if w is _UNCHECKED else w) for k, w in why.items()}
+    if not any(why.values()):  # only the combination changes the program: refuse them all
+        why = {g.id: "the program changes when the widths do" for g in todo}
+    out = [
+        replace(g, reason=f"the width is used as a number: {why[g.id]}") if why.get(g.id) else g
+        for g in groups
+    ]
+    return Groups(
+        out, groups.paths, groups.shapes, groups.treedef, groups.program, groups.consumers, groups.bias
+    )
+
+
+def _difference(a, b) -> str | None:
+    """Where two traces of the program differ other than in shapes (literals, equations)."""
+    ja, jb = a.jaxpr, b.jaxpr
+    for ca, cb in zip(a.consts, b.consts):
+        if np.shape(ca) == np.shape(cb) and not np.array_equal(np.asarray(ca), np.asarray(cb)):
+            return "a captured constant changes"
+    if len(ja.eqns) != len(jb.eqns):
+        return f"the program has {len(jb.eqns)} equations instead of {len(ja.eqns)}"
+    for ea, eb in zip(ja.eqns, jb.eqns):
+        if ea.primitive is not eb.primitive:
+            return f"{eb.primitive.name} where {ea.primitive.name} was"
+        for va, vb in zip(ea.invars, eb.invars):
+            if isinstance(va, jcore.Literal) != isinstance(vb, jcore.Literal):
+                return f"an operand of {ea.primitive.name} changes"
+            if isinstance(va, jcore.Literal) and not np.array_equal(np.asarray(va.val), np.asarray(vb.val)):
+                return f"the literal {va.val} of {ea.primitive.name}{_where(ea)} becomes {vb.val}"
+        for key, pa in ea.params.items():
+            pb = eb.params.get(key)
+            if isinstance(pa, jcore.ClosedJaxpr | jcore.Jaxpr):
+                wrap = (
+                    (lambda j: j)
+                    if isinstance(pa, jcore.ClosedJaxpr)
+                    else (lambda j: jcore.ClosedJaxpr(j, ()))
+                )
+                d = _difference(wrap(pa), wrap(pb))
+                if d:
+                    return d
+    return None
 
 
 def _collect(an, paths, shapes, treedef, program):
@@ -783,7 +922,16 @@ def _collect(an, paths, shapes, treedef, program):
         reason = an.reason[r]
         if reason is None and not any(m.role == "in" for _, _, m in members):
             reason = "no parameter consumes it (no kernel contracts these channels)"
-        found.append((members[0][0], members[0][1], an.width[r], tuple(m for *_, m in members), reason))
+        found.append(
+            (
+                members[0][0],
+                members[0][1],
+                an.width[r],
+                tuple(m for *_, m in members),
+                reason,
+                an.varies.get(r),
+            )
+        )
     found.sort(key=lambda f: (f[0], f[1]))
-    groups = [Group(i, w, ms, reason) for i, (_, _, w, ms, reason) in enumerate(found)]
-    return Groups(groups, paths, shapes, treedef, program)
+    groups = [Group(i, w, ms, reason, varies) for i, (_, _, w, ms, reason, varies) in enumerate(found)]
+    return Groups(groups, paths, shapes, treedef, program, an.consumers, an.bias)

@@ -107,9 +107,9 @@ class TiedLM(nn.Module):
         return embed.attend(nn.Dense(self.d, name="down")(h))
 
 
-def _init(module, x, seed=0):
+def _init(module, x, seed=0, **kwargs):
     """Random variables of the module's shapes (numpy: no compile), running variances positive."""
-    shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+    shapes = jax.eval_shape(lambda key, x: module.init(key, x, **kwargs), jax.random.key(0), x)
     rng = np.random.default_rng(seed)
 
     def fill(path, s):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from group_models import build
+from group_models import _init, build
 
 import jprune as jp
 
@@ -48,7 +48,7 @@ def test_conv_bn_conv():
             return nn.Conv(2, (1, 1))(x)
 
     x = jnp.ones((1, 5, 5, 3))
-    v = M().init(jax.random.key(0), x)
+    v = _init(M(), x)
     groups = jp.channel_groups(M().apply, v, x)
     assert prunable(groups) == [
         sorted(
@@ -126,12 +126,12 @@ def test_depthwise_multiplier_and_grouped_conv():
             return nn.Conv(2, (1, 1))(x)
 
     x = jnp.ones((1, 4, 4, 3))
-    mult = jp.channel_groups(M(4).apply, M(4).init(jax.random.key(0), x), x)
+    mult = jp.channel_groups(M(4).apply, _init(M(4), x), x)
     g = find(mult, "params/Conv_0/kernel[3]")
     (dw,) = [m for m in g.members if m.path == "params/Conv_1/kernel"]
     np.testing.assert_array_equal(dw.index, np.arange(8).reshape(4, 2))  # channel c -> outputs 2c, 2c+1
     assert g.prunable
-    grouped = jp.channel_groups(M(2).apply, M(2).init(jax.random.key(0), x), x)
+    grouped = jp.channel_groups(M(2).apply, _init(M(2), x), x)
     assert "grouped conv" in find(grouped, "params/Conv_0/kernel[3]").reason
 
 
@@ -144,7 +144,7 @@ def test_attention_heads():
             return x + nn.Dense(8)(nn.gelu(nn.Dense(16)(x)))
 
     x = jnp.ones((2, 5, 8))
-    v = Block().init(jax.random.key(0), x)
+    v = _init(Block(), x)
     groups = jp.channel_groups(Block().apply, v, x)
     att = "params/MultiHeadDotProductAttention_0/"
     heads = find(groups, f"{att}query/kernel[1]")
@@ -168,7 +168,7 @@ def test_tied_embedding():
             return embed.attend(h)
 
     ids = jnp.array([[1, 2, 3]])
-    v = LM().init(jax.random.key(0), ids)
+    v = _init(LM(), ids)
     groups = jp.channel_groups(LM().apply, v, ids)
     feat = find(groups, "params/Embed_0/embedding[1]")
     assert feat.prunable
@@ -189,7 +189,7 @@ def test_unknown_op_refuses_its_group_only(op, name):
             return nn.Dense(2)(h)
 
     x = jnp.ones((2, 3))
-    v = M().init(jax.random.key(0), x)
+    v = _init(M(), x)
     groups = jp.channel_groups(M().apply, v, x)
     bad = find(groups, "params/Dense_0/kernel[1]")
     assert not bad.prunable and name in bad.reason
@@ -210,7 +210,7 @@ def test_reduction_over_channels_and_softmax_are_unprunable():
             return nn.Dense(2)(h) + nn.Dense(2)(g)
 
     x = jnp.ones((2, 3))
-    v = M().init(jax.random.key(0), x)
+    v = _init(M(), x)
     groups = jp.channel_groups(M().apply, v, x)
     assert "reduce_sum" in find(groups, "params/Dense_0/kernel[1]").reason
     assert "reduce_max" in find(groups, "params/Dense_1/kernel[1]").reason
@@ -255,10 +255,71 @@ def test_fused_qkv_split_into_heads():
             return x + nn.Dense(d, name="out")(o)
 
     x = jnp.ones((1, 4, 5))
-    v = Fused().init(jax.random.key(0), x)
+    v = _init(Fused(), x)
     groups = jp.channel_groups(Fused().apply, v, x)
     (heads,) = [g for g in groups.prunable if g.width == 2]
     cols = sorted(m.index.ravel().tolist() for m in heads.members if m.path == "params/qkv/kernel")
     assert cols == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17]]  # q, k, v blocks
     rows = [m for m in heads.members if m.path == "params/out/kernel"]
     assert len(rows) == 1 and rows[0].index.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_width_used_as_a_number_is_unprunable():
+    """A width Python reads as a number is invisible in one trace; a second trace with one channel
+    fewer shows the literal change (plain functions and NNX; Linen modules check their shapes)."""
+    from flax import nnx
+
+    def apply(p, x):
+        h = jax.nn.relu(x @ p["w1"] + p["b1"])
+        g = jax.nn.relu(x @ p["w3"])
+        return (h * (1.0 / h.shape[-1])) @ p["w2"] + g @ p["w4"]
+
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (3, 6), "b1": (6,), "w2": (6, 2), "w3": (3, 5), "w4": (5, 2)}
+    p = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    groups = jp.channel_groups(apply, p, jnp.ones((4, 3)))
+    bad = find(groups, "w1[1]")
+    assert "width is used as a number" in bad.reason and "0.16666" in bad.reason
+    assert find(groups, "w3[1]").prunable  # the other hidden layer is untouched
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(3, 6, rngs=rngs), nnx.Linear(6, 2, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.a(x))
+            return self.b(h / jnp.sqrt(h.shape[-1]))
+
+    from jprune._shrink_nnx import nnx_groups
+
+    groups = nnx_groups(Net(nnx.Rngs(0)), jnp.ones((2, 3)))
+    assert "sqrt" in find(groups, "a/kernel[1]").reason
+
+
+def test_sub_programs_custom_vjp_checkpoint_jit():
+    """A plain function whose hidden layer goes through custom_vjp, jax.checkpoint and jax.jit:
+    one prunable group, and the shrunk params run in the same function (no rebuild needed)."""
+
+    @jax.custom_vjp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g,))
+
+    def apply(p, x):
+        h = act(x @ p["w1"] + p["b1"])
+        h = jax.checkpoint(jax.nn.gelu)(h)
+        return jax.jit(lambda h: h * 2.0)(h) @ p["w2"]
+
+    rng = np.random.default_rng(0)
+    p = {
+        k: jnp.asarray(rng.normal(size=s), jnp.float32)
+        for k, s in {"w1": (3, 6), "b1": (6,), "w2": (6, 2)}.items()
+    }
+    x = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    groups = jp.channel_groups(apply, p, x)
+    assert prunable(groups) == [["b1[0]", "w1[1]", "w2[0]"]]
+    masks = jp.group_structured(p, 0.5, groups)
+    small, widths = jp.shrink(p, masks, groups)
+    assert small["w1"].shape == (3, 3) and widths == {"": 3}
+    np.testing.assert_allclose(apply(small, x), apply(jp.apply_masks(p, masks), x), rtol=1e-6, atol=1e-6)

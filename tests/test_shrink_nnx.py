@@ -38,9 +38,10 @@ class Block(nnx.Module):
         return x + self.down(nnx.gelu(self.up(x)))
 
 
-def randomize(model, seed=0):
-    """Random values everywhere (running variances positive), so no channel is special."""
-    graphdef, state = nnx.split(model)
+def randomize(make, seed=0):
+    """``make()``'s model with random values everywhere (running variances positive), built
+    abstractly (no initializer is compiled)."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
     rng = np.random.default_rng(seed)
 
     def fill(path, a):
@@ -69,7 +70,7 @@ def check(model, x, **kw):
 
 def test_cnn_bn_depthwise_residual():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
-    model = randomize(CNN(nnx.Rngs(0)))
+    model = randomize(lambda: CNN(nnx.Rngs(0)))
     before = jax.tree.map(jnp.shape, nnx.state(model))
     small, groups = check(model, x)
     assert jax.tree.map(jnp.shape, nnx.state(model)) == before  # the model itself is unchanged
@@ -80,7 +81,7 @@ def test_cnn_bn_depthwise_residual():
 
 def test_attention_heads_and_mlp():
     x = jax.random.normal(jax.random.key(1), (2, 5, 8))
-    model = randomize(Block(nnx.Rngs(0)))
+    model = randomize(lambda: Block(nnx.Rngs(0)))
     groups = nnx_groups(model, x)
     names = ("att/query/kernel[1]", "up/kernel[1]")
 
