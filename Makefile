@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: setup kernel test demo bench bench-interop bench-compact bench-train lint clean
+.PHONY: setup kernel test demo structured bench bench-interop bench-compact bench-train bench-structured lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[torch,examples,dev]"
+	$(BIN)/pip install -q --no-deps torch-pruning==1.6.0  # the structural anchor (bench); no deps: torch stays the CPU wheel
 	touch $@
 
 # The native CPU kernel (jprune/_cpu_select*.so), rebuilt when its source, setup.py or the installed
@@ -35,6 +36,9 @@ test: setup
 demo: setup
 	$(BIN)/python examples/demo.py
 
+structured: setup
+	$(BIN)/python examples/structured_speed.py
+
 bench: setup
 	$(BIN)/python bench/bench_select.py
 
@@ -46,6 +50,9 @@ bench-compact: setup
 
 bench-train: setup
 	$(BIN)/python bench/bench_train.py
+
+bench-structured: setup
+	$(BIN)/python bench/bench_structured.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

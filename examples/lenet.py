@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +31,23 @@ import jprune as jp
 
 
 class LeNet(nn.Module):
-    """The seed's LeNet in Linen; params are {"conv1": {"kernel", "bias"}, ..., "fc3": {...}}."""
+    """The seed's LeNet in Linen; params are {"conv1": {"kernel", "bias"}, ..., "fc3": {...}}.
+
+    ``widths`` (optional) overrides layers' output features, keyed by their path in the variables,
+    as ``jp.shrink`` returns them after structured pruning: ``LeNet(widths={"params/conv1": 3})``.
+    """
+
+    widths: Mapping[str, int] | None = None
 
     @nn.compact
     def __call__(self, x):  # x: (N, 28, 28, 1)
+        w = lambda name, default: (self.widths or {}).get(f"params/{name}", default)  # noqa: E731
         pool = lambda x: nn.max_pool(x, (2, 2), (2, 2))  # noqa: E731
-        x = pool(nn.relu(nn.Conv(6, (3, 3), padding="VALID", name="conv1")(x)))
-        x = pool(nn.relu(nn.Conv(16, (3, 3), padding="VALID", name="conv2")(x)))
+        x = pool(nn.relu(nn.Conv(w("conv1", 6), (3, 3), padding="VALID", name="conv1")(x)))
+        x = pool(nn.relu(nn.Conv(w("conv2", 16), (3, 3), padding="VALID", name="conv2")(x)))
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # torch's (C, H, W) flatten
-        x = nn.relu(nn.Dense(120, name="fc1")(x))
-        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        x = nn.relu(nn.Dense(w("fc1", 120), name="fc1")(x))
+        x = nn.relu(nn.Dense(w("fc2", 84), name="fc2")(x))
         return nn.Dense(10, name="fc3")(x)
 
 

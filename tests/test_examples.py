@@ -43,6 +43,20 @@ def test_demo(tmp_path, capsys):
     assert result["extra"]["one-shot ERK 90%"][0] == pytest.approx(0.9, abs=1e-4)
     assert result["nm_layers"] == ["fc1/kernel", "fc2/kernel", "fc3/kernel"]  # still 2:4 after fine-tuning
     assert "torch vs jprune: 100.00 %" in out and "Done in" in out
+    structured = result["structured"]
+    assert structured["rel"] <= 1e-5  # the shrunk LeNet computes what the masked one does
+    (params, flops, _), (small_params, small_flops, _) = structured["dense"], structured["shrunk"]
+    assert small_params < params and small_flops < flops
+
+
+def test_structured_speed(capsys):
+    results = _run("structured_speed", ["--smoke"])
+    assert set(results) == {"LeNet", "ResNet-18-style CNN", "ViT"}
+    for name, r in results.items():
+        assert r["rel"] <= 1e-5, name
+        # params and FLOPs of the shrunk model are smaller than the dense one's
+        assert r["shrunk"][0] < r["dense"][0] and r["shrunk"][1] < r["dense"][1], name
+    assert "layers resized" in capsys.readouterr().out
 
 
 def test_nnx_finetune(capsys):
