@@ -762,7 +762,7 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     Args:
       apply_fn: ``apply_fn(tree, *args, **kwargs)``, e.g. ``model.apply`` for Linen (pass all
         variables, params and batch_stats, for a BatchNorm model, in inference mode), or
-        ``lambda state, x: nnx.merge(graphdef, state)(x)`` for NNX (as ``nnx_groups`` does).
+        ``lambda state, x: nnx.merge(graphdef, state)(x)`` for NNX (as ``jp.nnx.channel_groups`` does).
       tree: the variables: a pytree of arrays; every leaf is an input of the program.
       *args, **kwargs: example inputs: array leaves are the program's inputs (only their shapes and
         dtypes matter for the groups; ``shrink`` evaluates the program on them to fold constant

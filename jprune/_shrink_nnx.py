@@ -1,4 +1,7 @@
-"""Shrink an NNX model: a new, smaller module object with its layers' feature counts updated."""
+"""Shrink an NNX model: a new, smaller module object with its layers' feature counts updated.
+
+Public as ``jp.nnx.channel_groups`` and ``jp.nnx.shrink``.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +20,9 @@ def nnx_groups(model, *args, **kwargs) -> Groups:
     Examples:
       >>> import jax.numpy as jnp, jprune as jp
       >>> from flax import nnx
-      >>> from jprune._shrink_nnx import nnx_groups
       >>> rngs = nnx.Rngs(0)
       >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.relu, nnx.Linear(4, 2, rngs=rngs))
-      >>> [str(m) for m in nnx_groups(model, jnp.ones((1, 3))).prunable[0].members]
+      >>> [str(m) for m in jp.nnx.channel_groups(model, jnp.ones((1, 3))).prunable[0].members]
       ['layers/0/bias[0]', 'layers/0/kernel[1]', 'layers/2/kernel[0]']
     """
     from flax import nnx
@@ -89,13 +91,12 @@ def shrink_model(model, masks, groups: Groups):
     Examples:
       >>> import jax.numpy as jnp, jprune as jp
       >>> from flax import nnx
-      >>> from jprune._shrink_nnx import nnx_groups, shrink_model
       >>> rngs = nnx.Rngs(0)
       >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.relu, nnx.Linear(4, 2, rngs=rngs))
       >>> x = jnp.ones((1, 3))
-      >>> groups = nnx_groups(model, x)
+      >>> groups = jp.nnx.channel_groups(model, x)
       >>> masks = jp.group_structured(nnx.split(model)[1], 0.5, groups)
-      >>> small = shrink_model(model, masks, groups)
+      >>> small = jp.nnx.shrink(model, masks, groups)
       >>> small.layers[0].out_features, small.layers[2].kernel.shape
       (2, (2, 2))
     """

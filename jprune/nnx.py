@@ -32,9 +32,21 @@ from flax import nnx
 
 from . import _gradual, _optim
 from ._masks import apply_masks
+from ._shrink_nnx import nnx_groups as channel_groups
+from ._shrink_nnx import shrink_model as shrink
 from ._tree import Tree, is_variable
 
-__all__ = ["PruneMask", "attach_masks", "masks_of", "masked_view", "get_masks", "set_masks", "update_masks"]
+__all__ = [
+    "PruneMask",
+    "attach_masks",
+    "channel_groups",
+    "get_masks",
+    "masked_view",
+    "masks_of",
+    "set_masks",
+    "shrink",
+    "update_masks",
+]
 
 _SUFFIX = "_mask"
 

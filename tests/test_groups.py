@@ -290,9 +290,9 @@ def test_width_used_as_a_number_is_unprunable():
             h = nnx.relu(self.a(x))
             return self.b(h / jnp.sqrt(h.shape[-1]))
 
-    from jprune._shrink_nnx import nnx_groups
+    import jprune.nnx as jpnnx
 
-    groups = nnx_groups(Net(nnx.Rngs(0)), jnp.ones((2, 3)))
+    groups = jpnnx.channel_groups(Net(nnx.Rngs(0)), jnp.ones((2, 3)))
     assert "sqrt" in find(groups, "a/kernel[1]").reason
 
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import jprune as jp
-from jprune._shrink_nnx import nnx_groups, shrink_model
+import jprune.nnx as jpnnx
 
 
 class CNN(nnx.Module):
@@ -55,10 +55,10 @@ def randomize(make, seed=0):
 
 
 def check(model, x, **kw):
-    groups = nnx_groups(model, x)
+    groups = jpnnx.channel_groups(model, x)
     graphdef, state = nnx.split(model)
     masks = jp.group_structured(state, 0.5, groups, **kw)
-    small = shrink_model(model, masks, groups)
+    small = jpnnx.shrink(model, masks, groups)
     want = nnx.merge(graphdef, jp.apply_masks(state, masks))(x)
     got = small(x)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
@@ -82,7 +82,7 @@ def test_cnn_bn_depthwise_residual():
 def test_attention_heads_and_mlp():
     x = jax.random.normal(jax.random.key(1), (2, 5, 8))
     model = randomize(lambda: Block(nnx.Rngs(0)))
-    groups = nnx_groups(model, x)
+    groups = jpnnx.channel_groups(model, x)
     names = ("att/query/kernel[1]", "up/kernel[1]")
 
     def heads_and_mlp(g):
@@ -93,7 +93,7 @@ def test_attention_heads_and_mlp():
     assert small.up.out_features == 8
     with pytest.raises(ValueError, match="head sizes"):
         graphdef, state = nnx.split(model)
-        shrink_model(model, jp.group_structured(state, 0.5, groups), groups)  # value dims too
+        jpnnx.shrink(model, jp.group_structured(state, 0.5, groups), groups)  # value dims too
 
 
 def test_unknown_layer_refused():
@@ -114,7 +114,7 @@ def test_unknown_layer_refused():
 
     model = Net(nnx.Rngs(0))
     x = jnp.ones((1, 2))
-    groups = nnx_groups(model, x)
+    groups = jpnnx.channel_groups(model, x)
     masks = jp.group_structured(nnx.split(model)[1], 0.5, groups)
     with pytest.raises(ValueError, match="Scale"):
-        shrink_model(model, masks, groups)
+        jpnnx.shrink(model, masks, groups)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
+import torch_pruning as tp  # make installs it (--no-deps); missing, this file fails rather than skips
 from group_models import _init
 from jprune.interop import to_torch
 
 import jprune as jp
-
-tp = pytest.importorskip("torch_pruning")  # installed with --no-deps (it would pull a torch build)
 
 
 class TorchNet(torch.nn.Module):
