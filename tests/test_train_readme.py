@@ -16,7 +16,7 @@ def _blocks(title, next_title):
 
 @pytest.mark.parametrize(
     "title,next_title,n_blocks",
-    [("## N:M sparsity", "## Fine-tuning in a JAX", 1), ("## Fine-tuning in a JAX", "## The main job", 2)],
+    [("## N:M sparsity", "## Structured pruning", 1), ("## Fine-tuning in a JAX", "## The main job", 2)],
 )
 def test_snippets_run(title, next_title, n_blocks, capsys):
     blocks = _blocks(title, next_title)
