@@ -18,6 +18,7 @@ allocates.
 import argparse
 import gc
 import os
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -27,17 +28,9 @@ import torch
 from jprune.interop import _packed, from_torch, load, save
 from torch.nn.utils import prune
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
 
-class LeNet(torch.nn.Module):
-    """The seed's LeNet: 1x28x28 -> conv 6@3x3 -> pool -> conv 16@3x3 -> pool -> 120 -> 84 -> 10."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 6, 3)
-        self.conv2 = torch.nn.Conv2d(6, 16, 3)
-        self.fc1 = torch.nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = torch.nn.Linear(120, 84)
-        self.fc3 = torch.nn.Linear(84, 10)
+from lenet import torch_lenet  # noqa: E402  (the seed's LeNet in torch)
 
 
 def pct(x: float) -> str:
@@ -59,7 +52,7 @@ def mask_ratio(masks) -> tuple[int, int]:
 
 def lenet(d: str) -> None:
     torch.manual_seed(0)
-    model = LeNet()
+    model = torch_lenet()
     layers = [model.conv1, model.conv2, model.fc1, model.fc2, model.fc3]
     prune.global_unstructured(
         [(m, "weight") for m in layers], pruning_method=prune.L1Unstructured, amount=0.9
