@@ -15,7 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[torch,examples,dev]"
-	$(BIN)/pip install -q --no-deps torch-pruning==1.6.0  # the structural anchor (bench); no deps: torch stays the CPU wheel
+	$(BIN)/pip install -q --no-deps torch-pruning==1.6.0  # the structural anchor (bench, tests/test_shrink_torch.py); no deps: torch stays the CPU wheel
 	touch $@
 
 # The native CPU kernel (jprune/_cpu_select*.so), rebuilt when its source, setup.py or the installed
