@@ -738,6 +738,32 @@ def _blocks(src, dst):
     return blocks
 
 
+def _analyze(closed, n) -> _Analysis:
+    """Label every axis of the program (its first ``n`` inputs are the tree's leaves)."""
+    jaxpr = closed.jaxpr
+    an = _Analysis()
+    for i, v in enumerate(jaxpr.invars[:n]):
+        shape = tuple(v.aval.shape)
+        lab = []
+        for a, s in enumerate(shape):
+            if s > 1:
+                node = an.new(s)
+                an.members[node].append((i, a, None))
+                lab.append(((node, None),))
+            else:
+                lab.append(None)
+        an.labels[v] = tuple(lab)
+        an.zview[v] = (i, tuple(range(len(shape))))
+    for j, v in enumerate(jaxpr.invars[n:]):
+        an.labels[v] = an.fresh(v.aval.shape, f"the model's input (argument leaf {j})")
+        an.data.add(v)
+    an.run(jaxpr, [an.fresh(np.shape(c), "a constant") for c in closed.consts])
+    for j, v in enumerate(jaxpr.outvars):
+        for d, lab in enumerate(an.read(v)):
+            an.pin(lab, f"reaches the model's output (output {j}, axis {d})")
+    return an
+
+
 def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     """The coupled channel groups of a model, read from its program.
 
@@ -755,7 +781,8 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
 
     Python code that uses a width as a *number* (``x / jnp.sqrt(x.shape[-1])``) is invisible in one
     trace, so the program is traced a second time with one channel fewer per prunable group; a
-    literal or equation that changes makes the group unprunable. A Linen module checks its
+    literal or equation that changes, a failure, or channels laid out elsewhere (a reshape with a
+    fixed head count) makes the group unprunable. A Linen module checks its
     parameters' shapes against its constructor, so it cannot be retraced at other widths: there,
     check ``shrink``'s result on your inputs if your model reads widths as numbers.
 
@@ -802,28 +829,7 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), *a, **k)
 
     closed = jax.make_jaxpr(program)(leaves, arg_leaves)
-    jaxpr = closed.jaxpr
-    an = _Analysis()
-    n = len(leaves)
-    for i, v in enumerate(jaxpr.invars[:n]):
-        shape = tuple(v.aval.shape)
-        lab = []
-        for a, s in enumerate(shape):
-            if s > 1:
-                node = an.new(s)
-                an.members[node].append((i, a, None))
-                lab.append(((node, None),))
-            else:
-                lab.append(None)
-        an.labels[v] = tuple(lab)
-        an.zview[v] = (i, tuple(range(len(shape))))
-    for j, v in enumerate(jaxpr.invars[n:]):
-        an.labels[v] = an.fresh(v.aval.shape, f"the model's input (argument leaf {j})")
-        an.data.add(v)
-    an.run(jaxpr, [an.fresh(np.shape(c), "a constant") for c in closed.consts])
-    for j, v in enumerate(jaxpr.outvars):
-        for d, lab in enumerate(an.read(v)):
-            an.pin(lab, f"reaches the model's output (output {j}, axis {d})")
+    an = _analyze(closed, len(leaves))
     shapes = [np.shape(v) for v in leaves]
     groups = _collect(an, paths, shapes, treedef, (closed, arg_leaves))
     return _check_widths(groups, program, leaves, arg_leaves)
@@ -839,8 +845,10 @@ def _dtype(x):
 def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
     """Trace the program again with one channel fewer in every prunable group: a literal or an
     equation that changes means Python code used a width as a number (``1 / sqrt(d)``) or
-    branched on it; such a group is made unprunable (one more trace when nothing changes). A
-    program that refuses other widths (a Linen module checks its parameter shapes) is not checked."""
+    branched on it; a program that fails, or lays the remaining channels out other than where
+    ``shrink`` puts them (``x.reshape(b, heads, -1)`` with a fixed ``heads``), read a width as a
+    number too; such a group is made unprunable (one more trace when nothing changes). A program
+    that refuses other widths (a Linen module checks its parameter shapes) is not checked."""
     todo = [g for g in groups.prunable if g.width > 1]
     if not todo:
         return groups
@@ -854,9 +862,13 @@ def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
         structs = [jax.ShapeDtypeStruct(tuple(s), _dtype(v)) for s, v in zip(shapes, leaves)]
         args = [jax.ShapeDtypeStruct(np.shape(a), _dtype(a)) for a in arg_leaves]
         try:
-            return _difference(groups.program[0], jax.make_jaxpr(program)(structs, args))
-        except Exception:  # noqa: BLE001 - the program checks its widths (Linen): no check possible
-            return _UNCHECKED
+            closed = jax.make_jaxpr(program)(structs, args)
+        except Exception as e:  # noqa: BLE001 - reported as the group's reason, or no check (Linen)
+            if type(e).__name__ == "ScopeParamShapeError":  # a Linen module checks its shapes
+                return _UNCHECKED
+            msg = str(e).strip().split("\n")[0][:160]
+            return f"the program fails at a smaller width ({type(e).__name__}: {msg})"
+        return _difference(groups.program[0], closed) or _moved(groups, chosen, closed, shapes)
 
     first = trace(todo)
     if first is None or first is _UNCHECKED:
@@ -871,6 +883,51 @@ def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
     ]
     return Groups(
         out, groups.paths, groups.shapes, groups.treedef, groups.program, groups.consumers, groups.bias
+    )
+
+
+def _layout(groups, sizes=None, chosen=()):
+    """Every group of width > 1 as a set of ``(path, axis, positions)``; with ``chosen``: as
+    ``shrink`` would leave it, the last channel of each chosen group removed."""
+    sizes = sizes or groups.shapes
+    index = {p: i for i, p in enumerate(groups.paths)}
+    gone: dict = {}
+    ids = {g.id for g in chosen}
+    for g in chosen:
+        for m in g.members:
+            pos = m.positions(groups.shapes[index[m.path]][m.axis])[-1]
+            gone.setdefault((m.path, m.axis), []).extend(pos.tolist())
+    out = set()
+    for g in groups:
+        width = g.width - (g.id in ids)
+        if width < 2:
+            continue
+        key = []
+        for m in g.members:
+            pos = m.positions(sizes[index[m.path]][m.axis])[:width]
+            if m.index is not None and g.id in ids:
+                pos = m.index[:-1]
+            drop = np.unique(np.asarray(gone.get((m.path, m.axis), []), int))
+            rows = tuple(
+                tuple(sorted((p - np.searchsorted(drop, p)).tolist() for p in row if p not in drop))
+                for row in pos.tolist()
+            )
+            key.append((m.path, m.axis, rows))
+        out.add(frozenset(key))
+    return out
+
+
+def _moved(groups: Groups, chosen, closed, shapes) -> str | None:
+    """Whether the program traced at the smaller widths places the remaining channels where
+    ``shrink`` puts them (a reshape with a hard-coded size, ``x.reshape(b, 4, -1)``, does not)."""
+    smaller = _collect(_analyze(closed, len(groups.paths)), groups.paths, shapes, groups.treedef, None)
+    want = _layout(groups, chosen=chosen)
+    got = _layout(smaller)
+    if want <= got:
+        return None
+    return (
+        "at a smaller width the program lays the channels out differently (a reshape with a fixed "
+        "size, such as x.reshape(b, heads, -1)?)"
     )
 
 
