@@ -18,6 +18,7 @@ The analysis reads shapes and op parameters only (no values), one pass over the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -382,6 +383,8 @@ class _Analysis:
             )
             if plain:
                 out.append(a)
+                if prim == "reduce_window_sum" and any(tuple(x) != (0, 0) for x in p["padding"]):
+                    self.vary(a, f"{prim} with padding (a constant channel changes at the borders)")
             else:
                 self.pin(a, f"{prim} window along the channels")
                 out.append(self.fresh((eqn.outvars[0].aval.shape[d],), f"{prim} output")[0])
@@ -479,6 +482,10 @@ class _Analysis:
             out[ospec[1]] = self.unify(rout, lf, "depthwise conv")
             if not isinstance(eqn.invars[1], jcore.Literal) and eqn.invars[1] in self.data:
                 self.vary(out[ospec[1]], "a depthwise conv with an input-dependent kernel")
+            if any(tuple(x) != (0, 0) for x in p["padding"]) or any(d != 1 for d in p["lhs_dilation"]):
+                self.vary(
+                    out[ospec[1]], "a padded depthwise conv (a constant channel changes at the borders)"
+                )
         else:
             reason = f"a grouped conv (feature_group_count={groups}, {per} input channels per group)"
             for a in (lf, rin, rout):
@@ -782,9 +789,10 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     Python code that uses a width as a *number* (``x / jnp.sqrt(x.shape[-1])``) is invisible in one
     trace, so the program is traced a second time with one channel fewer per prunable group; a
     literal or equation that changes, a failure, or channels laid out elsewhere (a reshape with a
-    fixed head count) makes the group unprunable. A Linen module checks its
-    parameters' shapes against its constructor, so it cannot be retraced at other widths: there,
-    check ``shrink``'s result on your inputs if your model reads widths as numbers.
+    fixed head count) makes the group unprunable. A Linen module is retraced with its parameter
+    shape checks off; one that still fails (a width in its constructor, such as a depthwise conv's
+    ``feature_group_count``) cannot be checked: there, check ``shrink``'s result on your inputs if
+    your model reads widths as numbers.
 
     Args:
       apply_fn: ``apply_fn(tree, *args, **kwargs)``, e.g. ``model.apply`` for Linen (pass all
@@ -864,10 +872,14 @@ def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
         try:
             closed = jax.make_jaxpr(program)(structs, args)
         except Exception as e:  # noqa: BLE001 - reported as the group's reason, or no check (Linen)
-            if type(e).__name__ == "ScopeParamShapeError":  # a Linen module checks its shapes
+            if type(e).__name__ != "ScopeParamShapeError":
+                msg = str(e).strip().split("\n")[0][:160]
+                return f"the program fails at a smaller width ({type(e).__name__}: {msg})"
+            try:  # a Linen module checks its parameters against its constructor: read them as given
+                with _linen_shapes_unchecked():
+                    closed = jax.make_jaxpr(program)(structs, args)
+            except Exception:  # noqa: BLE001 - widths in the constructor (feature_group_count): no check
                 return _UNCHECKED
-            msg = str(e).strip().split("\n")[0][:160]
-            return f"the program fails at a smaller width ({type(e).__name__}: {msg})"
         return _difference(groups.program[0], closed) or _moved(groups, chosen, closed, shapes)
 
     first = trace(todo)
@@ -884,6 +896,29 @@ def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
     return Groups(
         out, groups.paths, groups.shapes, groups.treedef, groups.program, groups.consumers, groups.bias
     )
+
+
+@contextlib.contextmanager
+def _linen_shapes_unchecked():
+    """Linen's ``Scope.param`` returns an existing parameter without comparing its shape with the
+    module's constructor (for the width check's retrace only)."""
+    from flax.core import meta
+    from flax.core.scope import Scope
+
+    checked = Scope.param
+
+    def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+        if not self.has_variable("params", name):
+            return checked(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        self.reserve(name, "params")
+        value = self.get_variable("params", name)
+        return meta.unbox(value) if unbox else value
+
+    Scope.param = param
+    try:
+        yield
+    finally:
+        Scope.param = checked
 
 
 def _layout(groups, sizes=None, chosen=()):

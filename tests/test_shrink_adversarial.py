@@ -3,6 +3,7 @@ affected group (with the reason) or shrunk exactly, checked on inputs other than
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +105,63 @@ def test_shuffle_minor_channels_still_shrink():
     groups = jpnnx.channel_groups(model, jnp.ones((2, 4)))
     assert not _group(groups, "a/kernel[1]x6").prunable  # the 2 shuffle groups
     assert _group(groups, "a/kernel[1]x2").prunable  # the 6 channels in each
+
+
+class LinenShuffle(nn.Module):
+    """The Linen shuffle: its widths are constructor arguments (rebuilt from ``shrink``'s widths)."""
+
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(self.width)(x))
+        h = h.reshape(h.shape[0], 4, -1).swapaxes(1, 2).reshape(h.shape[0], -1)
+        return nn.Dense(3)(h)
+
+
+def test_linen_shuffle_with_a_fixed_group_count():
+    """Linen checks parameter shapes against the constructor; the width check reads them anyway."""
+    module = LinenShuffle()
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    v = module.init(jax.random.key(1), x)
+    groups = jp.channel_groups(module.apply, v, x)
+    assert [str(m) for g in groups.prunable for m in g.members] == [
+        "params/Dense_0/bias[0]x4",
+        "params/Dense_0/kernel[1]x4",
+        "params/Dense_1/kernel[0]x4",
+    ]
+    assert groups.prunable[0].members[1].index[1, 0] == 1  # the channels inside a shuffle group
+    masks = jp.group_structured(v, 0.5, groups, scope="layer")
+    small, widths = jp.shrink(v, masks, groups)
+    y = jax.random.normal(jax.random.key(2), (5, 4))
+    _same(LinenShuffle(widths["params/Dense_0"]).apply(small, y), module.apply(jp.apply_masks(v, masks), y))
+
+
+class Bordered(nnx.Module):
+    """A constant channel (its producer's column masked, its bias left) through an op that pads:
+    its value changes at the borders, which a 1x1 example input does not show."""
+
+    def __init__(self, op):
+        rngs = nnx.Rngs(0)
+        self.a = nnx.Conv(3, 6, (1, 1), padding="VALID", rngs=rngs)
+        self.dw = nnx.Conv(6, 6, (3, 3), feature_group_count=6, rngs=rngs)  # SAME padding
+        self.b = nnx.Conv(6, 4, (1, 1), padding="VALID", rngs=rngs)
+        self.head, self.op = nnx.Linear(4, 2, rngs=rngs), op
+
+    def __call__(self, x):
+        h = nnx.relu(self.a(x))
+        h = nnx.avg_pool(h, (3, 3), padding="SAME") if self.op == "avg_pool" else nnx.relu(self.dw(h))
+        return self.head(nnx.relu(self.b(h)).mean((1, 2)))
+
+
+@pytest.mark.parametrize("op", ["avg_pool", "depthwise"])
+def test_constant_channel_through_padding_is_not_folded(op):
+    model = _random(Bordered(op))
+    groups = jpnnx.channel_groups(model, jnp.ones((1, 1, 1, 3)))
+    graphdef, state = nnx.split(model)
+    masks = jax.tree.map(lambda a: None, state)
+    masks["a"]["kernel"] = jnp.ones((1, 1, 3, 6), bool).at[..., 1::2].set(False)  # producers only
+    small = jpnnx.shrink(model, masks, groups)
+    y = jax.random.normal(jax.random.key(3), (2, 5, 5, 3))
+    _same(small(y), nnx.merge(graphdef, jp.apply_masks(state, masks))(y))
+    assert "padd" in _group(groups, "a/kernel[3]").varies
