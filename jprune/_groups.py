@@ -851,22 +851,29 @@ def _dtype(x):
 
 
 def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
-    """Trace the program again with one channel fewer in every prunable group: a literal or an
-    equation that changes means Python code used a width as a number (``1 / sqrt(d)``) or
+    """Trace the program again with one or two channels fewer (alternately, so groups that must
+    shrink alike show) in every prunable group, then each group alone if that differs: a literal
+    or an equation that changes means Python code used a width as a number (``1 / sqrt(d)``) or
     branched on it; a program that fails, or lays the remaining channels out other than where
     ``shrink`` puts them (``x.reshape(b, heads, -1)`` with a fixed ``heads``), read a width as a
-    number too; such a group is made unprunable (one more trace when nothing changes). A program
-    that refuses other widths (a Linen module checks its parameter shapes) is not checked."""
+    number too; such a group is made unprunable (one more trace when nothing changes). A Linen
+    module is retraced with its parameter shape checks off; one that still fails (widths in its
+    constructor) is checked group by group where it can be, else not at all."""
     todo = [g for g in groups.prunable if g.width > 1]
     if not todo:
         return groups
     index = {p: i for i, p in enumerate(groups.paths)}
 
-    def trace(chosen):
+    def trace(chosen):  # chosen: [(group, how many channels fewer)]
         shapes = [list(s) for s in groups.shapes]
-        for g in chosen:
+        gone: dict = {}  # (leaf, axis) -> removed positions (groups laid out as a product overlap)
+        for g, r in chosen:
             for m in g.members:
-                shapes[index[m.path]][m.axis] -= m.positions(groups.shapes[index[m.path]][m.axis])[-1].size
+                i = index[m.path]
+                pos = m.positions(groups.shapes[i][m.axis])[-r:].ravel()
+                gone.setdefault((i, m.axis), set()).update(pos.tolist())
+        for (i, axis), pos in gone.items():
+            shapes[i][axis] -= len(pos)
         structs = [jax.ShapeDtypeStruct(tuple(s), _dtype(v)) for s, v in zip(shapes, leaves)]
         args = [jax.ShapeDtypeStruct(np.shape(a), _dtype(a)) for a in arg_leaves]
         try:
@@ -882,13 +889,16 @@ def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
                 return _UNCHECKED
         return _difference(groups.program[0], closed) or _moved(groups, chosen, closed, shapes)
 
-    first = trace(todo)
-    if first is None or first is _UNCHECKED:
+    # one or two channels fewer, alternately: groups that must shrink alike (jnp.split(x, 2)) differ
+    first = trace([(g, 2 if k % 2 and g.width > 2 else 1) for k, g in enumerate(todo)])
+    if first is None:
         return groups
-    why = {g.id: trace([g]) for g in todo}
+    why = {g.id: trace([(g, 1)]) for g in todo}  # unchecked (Linen): each group on its own
     why = {k: (None if w is _UNCHECKED else w) for k, w in why.items()}
-    if not any(why.values()):  # only the combination changes the program: refuse them all
-        why = {g.id: "the program changes when the widths do" for g in todo}
+    if not any(why.values()):
+        if first is _UNCHECKED:
+            return groups
+        why = {g.id: "the program changes when the widths do" for g in todo}  # only together
     out = [
         replace(g, reason=f"the width is used as a number: {why[g.id]}") if why.get(g.id) else g
         for g in groups
@@ -922,26 +932,26 @@ def _linen_shapes_unchecked():
 
 
 def _layout(groups, sizes=None, chosen=()):
-    """Every group of width > 1 as a set of ``(path, axis, positions)``; with ``chosen``: as
-    ``shrink`` would leave it, the last channel of each chosen group removed."""
+    """Every group of width > 1 as a set of ``(path, axis, positions)``; with ``chosen`` (pairs
+    ``(group, r)``): as ``shrink`` would leave it, the last ``r`` channels of each group removed."""
     sizes = sizes or groups.shapes
     index = {p: i for i, p in enumerate(groups.paths)}
     gone: dict = {}
-    ids = {g.id for g in chosen}
-    for g in chosen:
+    fewer = {g.id: r for g, r in chosen}
+    for g, r in chosen:
         for m in g.members:
-            pos = m.positions(groups.shapes[index[m.path]][m.axis])[-1]
-            gone.setdefault((m.path, m.axis), []).extend(pos.tolist())
+            pos = m.positions(groups.shapes[index[m.path]][m.axis])[-r:]
+            gone.setdefault((m.path, m.axis), []).extend(pos.ravel().tolist())
     out = set()
     for g in groups:
-        width = g.width - (g.id in ids)
+        width = g.width - fewer.get(g.id, 0)
         if width < 2:
             continue
         key = []
         for m in g.members:
             pos = m.positions(sizes[index[m.path]][m.axis])[:width]
-            if m.index is not None and g.id in ids:
-                pos = m.index[:-1]
+            if m.index is not None and g.id in fewer:
+                pos = m.index[:width]
             drop = np.unique(np.asarray(gone.get((m.path, m.axis), []), int))
             rows = tuple(
                 tuple(sorted((p - np.searchsorted(drop, p)).tolist() for p in row if p not in drop))

@@ -54,6 +54,22 @@ class FirstThree(nnx.Module):
         return self.f(nnx.relu(self.a(x))[..., :3])
 
 
+class Split(nnx.Module):
+    """Two consumers of one layer's channels, split by a fixed index or into equal halves."""
+
+    def __init__(self, at):
+        self.a, self.f, self.g, self.at = (
+            _linear(4, 8),
+            _linear(2 if at else 4, 3),
+            _linear(6 if at else 4, 3),
+            at,
+        )
+
+    def __call__(self, x):
+        p, q = jnp.split(nnx.relu(self.a(x)), [self.at] if self.at else 2, -1)
+        return self.f(p) + self.g(q)
+
+
 def _random(model, seed=0):
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(seed)
@@ -89,6 +105,8 @@ def _group(groups, member):
         (Shuffle, (2, 4), "a/kernel[1]x6", "lays the channels out differently"),
         (Attention, (2, 3, 6), "q/kernel[1]x4", "lays the channels out differently"),
         (FirstThree, (2, 4), "f/kernel[0]", "fails at a smaller width"),
+        (lambda: Split(2), (2, 4), "f/kernel[0]", "smaller width"),
+        (lambda: Split(None), (2, 4), "f/kernel[0]", "smaller width"),  # halves: alike
     ],
 )
 def test_width_as_a_number_is_refused(make, shape, member, why):
@@ -97,6 +115,11 @@ def test_width_as_a_number_is_refused(make, shape, member, why):
     groups = _shrunk_equals_masked(_random(make()), x, others)
     g = _group(groups, member)
     assert not g.prunable and why in g.reason
+
+
+def test_split_at_a_fixed_index_keeps_the_rest_prunable():
+    groups = jpnnx.channel_groups(_random(Split(2)), jnp.ones((2, 4)))
+    assert _group(groups, "g/kernel[0]").prunable and not _group(groups, "f/kernel[0]").prunable
 
 
 def test_shuffle_minor_channels_still_shrink():
