@@ -965,7 +965,10 @@ def _layout(groups, sizes=None, chosen=()):
 def _moved(groups: Groups, chosen, closed, shapes) -> str | None:
     """Whether the program traced at the smaller widths places the remaining channels where
     ``shrink`` puts them (a reshape with a hard-coded size, ``x.reshape(b, 4, -1)``, does not)."""
-    smaller = _collect(_analyze(closed, len(groups.paths)), groups.paths, shapes, groups.treedef, None)
+    try:
+        smaller = _collect(_analyze(closed, len(groups.paths)), groups.paths, shapes, groups.treedef, None)
+    except Exception as e:  # noqa: BLE001 - a program the analysis cannot read there: refuse
+        return f"the analysis fails at a smaller width ({type(e).__name__})"
     want = _layout(groups, chosen=chosen)
     got = _layout(smaller)
     if want <= got:
