@@ -18,6 +18,7 @@ The analysis reads shapes and op parameters only (no values), one pass over the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -382,6 +383,8 @@ class _Analysis:
             )
             if plain:
                 out.append(a)
+                if prim == "reduce_window_sum" and any(tuple(x) != (0, 0) for x in p["padding"]):
+                    self.vary(a, f"{prim} with padding (a constant channel changes at the borders)")
             else:
                 self.pin(a, f"{prim} window along the channels")
                 out.append(self.fresh((eqn.outvars[0].aval.shape[d],), f"{prim} output")[0])
@@ -479,6 +482,10 @@ class _Analysis:
             out[ospec[1]] = self.unify(rout, lf, "depthwise conv")
             if not isinstance(eqn.invars[1], jcore.Literal) and eqn.invars[1] in self.data:
                 self.vary(out[ospec[1]], "a depthwise conv with an input-dependent kernel")
+            if any(tuple(x) != (0, 0) for x in p["padding"]) or any(d != 1 for d in p["lhs_dilation"]):
+                self.vary(
+                    out[ospec[1]], "a padded depthwise conv (a constant channel changes at the borders)"
+                )
         else:
             reason = f"a grouped conv (feature_group_count={groups}, {per} input channels per group)"
             for a in (lf, rin, rout):
@@ -738,6 +745,32 @@ def _blocks(src, dst):
     return blocks
 
 
+def _analyze(closed, n) -> _Analysis:
+    """Label every axis of the program (its first ``n`` inputs are the tree's leaves)."""
+    jaxpr = closed.jaxpr
+    an = _Analysis()
+    for i, v in enumerate(jaxpr.invars[:n]):
+        shape = tuple(v.aval.shape)
+        lab = []
+        for a, s in enumerate(shape):
+            if s > 1:
+                node = an.new(s)
+                an.members[node].append((i, a, None))
+                lab.append(((node, None),))
+            else:
+                lab.append(None)
+        an.labels[v] = tuple(lab)
+        an.zview[v] = (i, tuple(range(len(shape))))
+    for j, v in enumerate(jaxpr.invars[n:]):
+        an.labels[v] = an.fresh(v.aval.shape, f"the model's input (argument leaf {j})")
+        an.data.add(v)
+    an.run(jaxpr, [an.fresh(np.shape(c), "a constant") for c in closed.consts])
+    for j, v in enumerate(jaxpr.outvars):
+        for d, lab in enumerate(an.read(v)):
+            an.pin(lab, f"reaches the model's output (output {j}, axis {d})")
+    return an
+
+
 def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
     """The coupled channel groups of a model, read from its program.
 
@@ -755,9 +788,11 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
 
     Python code that uses a width as a *number* (``x / jnp.sqrt(x.shape[-1])``) is invisible in one
     trace, so the program is traced a second time with one channel fewer per prunable group; a
-    literal or equation that changes makes the group unprunable. A Linen module checks its
-    parameters' shapes against its constructor, so it cannot be retraced at other widths: there,
-    check ``shrink``'s result on your inputs if your model reads widths as numbers.
+    literal or equation that changes, a failure, or channels laid out elsewhere (a reshape with a
+    fixed head count) makes the group unprunable. A Linen module is retraced with its parameter
+    shape checks off; one that still fails (a width in its constructor, such as a depthwise conv's
+    ``feature_group_count``) cannot be checked: there, check ``shrink``'s result on your inputs if
+    your model reads widths as numbers.
 
     Args:
       apply_fn: ``apply_fn(tree, *args, **kwargs)``, e.g. ``model.apply`` for Linen (pass all
@@ -802,28 +837,7 @@ def channel_groups(apply_fn, tree, *args, **kwargs) -> Groups:
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), *a, **k)
 
     closed = jax.make_jaxpr(program)(leaves, arg_leaves)
-    jaxpr = closed.jaxpr
-    an = _Analysis()
-    n = len(leaves)
-    for i, v in enumerate(jaxpr.invars[:n]):
-        shape = tuple(v.aval.shape)
-        lab = []
-        for a, s in enumerate(shape):
-            if s > 1:
-                node = an.new(s)
-                an.members[node].append((i, a, None))
-                lab.append(((node, None),))
-            else:
-                lab.append(None)
-        an.labels[v] = tuple(lab)
-        an.zview[v] = (i, tuple(range(len(shape))))
-    for j, v in enumerate(jaxpr.invars[n:]):
-        an.labels[v] = an.fresh(v.aval.shape, f"the model's input (argument leaf {j})")
-        an.data.add(v)
-    an.run(jaxpr, [an.fresh(np.shape(c), "a constant") for c in closed.consts])
-    for j, v in enumerate(jaxpr.outvars):
-        for d, lab in enumerate(an.read(v)):
-            an.pin(lab, f"reaches the model's output (output {j}, axis {d})")
+    an = _analyze(closed, len(leaves))
     shapes = [np.shape(v) for v in leaves]
     groups = _collect(an, paths, shapes, treedef, (closed, arg_leaves))
     return _check_widths(groups, program, leaves, arg_leaves)
@@ -837,40 +851,131 @@ def _dtype(x):
 
 
 def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
-    """Trace the program again with one channel fewer in every prunable group: a literal or an
-    equation that changes means Python code used a width as a number (``1 / sqrt(d)``) or
-    branched on it; such a group is made unprunable (one more trace when nothing changes). A
-    program that refuses other widths (a Linen module checks its parameter shapes) is not checked."""
+    """Trace the program again with one or two channels fewer (alternately, so groups that must
+    shrink alike show) in every prunable group, then each group alone if that differs: a literal
+    or an equation that changes means Python code used a width as a number (``1 / sqrt(d)``) or
+    branched on it; a program that fails, or lays the remaining channels out other than where
+    ``shrink`` puts them (``x.reshape(b, heads, -1)`` with a fixed ``heads``), read a width as a
+    number too; such a group is made unprunable (one more trace when nothing changes). A Linen
+    module is retraced with its parameter shape checks off; one that still fails (widths in its
+    constructor) is checked group by group where it can be, else not at all."""
     todo = [g for g in groups.prunable if g.width > 1]
     if not todo:
         return groups
     index = {p: i for i, p in enumerate(groups.paths)}
 
-    def trace(chosen):
+    def trace(chosen):  # chosen: [(group, how many channels fewer)]
         shapes = [list(s) for s in groups.shapes]
-        for g in chosen:
+        gone: dict = {}  # (leaf, axis) -> removed positions (groups laid out as a product overlap)
+        for g, r in chosen:
             for m in g.members:
-                shapes[index[m.path]][m.axis] -= m.positions(groups.shapes[index[m.path]][m.axis])[-1].size
+                i = index[m.path]
+                pos = m.positions(groups.shapes[i][m.axis])[-r:].ravel()
+                gone.setdefault((i, m.axis), set()).update(pos.tolist())
+        for (i, axis), pos in gone.items():
+            shapes[i][axis] -= len(pos)
         structs = [jax.ShapeDtypeStruct(tuple(s), _dtype(v)) for s, v in zip(shapes, leaves)]
         args = [jax.ShapeDtypeStruct(np.shape(a), _dtype(a)) for a in arg_leaves]
         try:
-            return _difference(groups.program[0], jax.make_jaxpr(program)(structs, args))
-        except Exception:  # noqa: BLE001 - the program checks its widths (Linen): no check possible
-            return _UNCHECKED
+            closed = jax.make_jaxpr(program)(structs, args)
+        except Exception as e:  # noqa: BLE001 - reported as the group's reason, or no check (Linen)
+            if type(e).__name__ != "ScopeParamShapeError":
+                msg = str(e).strip().split("\n")[0][:160]
+                return f"the program fails at a smaller width ({type(e).__name__}: {msg})"
+            try:  # a Linen module checks its parameters against its constructor: read them as given
+                with _linen_shapes_unchecked():
+                    closed = jax.make_jaxpr(program)(structs, args)
+            except Exception:  # noqa: BLE001 - widths in the constructor (feature_group_count): no check
+                return _UNCHECKED
+        return _difference(groups.program[0], closed) or _moved(groups, chosen, closed, shapes)
 
-    first = trace(todo)
-    if first is None or first is _UNCHECKED:
+    # one or two channels fewer, alternately: groups that must shrink alike (jnp.split(x, 2)) differ
+    first = trace([(g, 2 if k % 2 and g.width > 2 else 1) for k, g in enumerate(todo)])
+    if first is None:
         return groups
-    why = {g.id: trace([g]) for g in todo}
+    why = {g.id: trace([(g, 1)]) for g in todo}  # unchecked (Linen): each group on its own
     why = {k: (None if w is _UNCHECKED else w) for k, w in why.items()}
-    if not any(why.values()):  # only the combination changes the program: refuse them all
-        why = {g.id: "the program changes when the widths do" for g in todo}
+    if not any(why.values()):
+        if first is _UNCHECKED:
+            return groups
+        why = {g.id: "the program changes when the widths do" for g in todo}  # only together
     out = [
         replace(g, reason=f"the width is used as a number: {why[g.id]}") if why.get(g.id) else g
         for g in groups
     ]
     return Groups(
         out, groups.paths, groups.shapes, groups.treedef, groups.program, groups.consumers, groups.bias
+    )
+
+
+@contextlib.contextmanager
+def _linen_shapes_unchecked():
+    """Linen's ``Scope.param`` returns an existing parameter without comparing its shape with the
+    module's constructor (for the width check's retrace only)."""
+    from flax.core import meta
+    from flax.core.scope import Scope
+
+    checked = Scope.param
+
+    def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+        if not self.has_variable("params", name):
+            return checked(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        self.reserve(name, "params")
+        value = self.get_variable("params", name)
+        return meta.unbox(value) if unbox else value
+
+    Scope.param = param
+    try:
+        yield
+    finally:
+        Scope.param = checked
+
+
+def _layout(groups, sizes=None, chosen=()):
+    """Every group of width > 1 as a set of ``(path, axis, positions)``; with ``chosen`` (pairs
+    ``(group, r)``): as ``shrink`` would leave it, the last ``r`` channels of each group removed."""
+    sizes = sizes or groups.shapes
+    index = {p: i for i, p in enumerate(groups.paths)}
+    gone: dict = {}
+    fewer = {g.id: r for g, r in chosen}
+    for g, r in chosen:
+        for m in g.members:
+            pos = m.positions(groups.shapes[index[m.path]][m.axis])[-r:]
+            gone.setdefault((m.path, m.axis), []).extend(pos.ravel().tolist())
+    out = set()
+    for g in groups:
+        width = g.width - fewer.get(g.id, 0)
+        if width < 2:
+            continue
+        key = []
+        for m in g.members:
+            pos = m.positions(sizes[index[m.path]][m.axis])[:width]
+            if m.index is not None and g.id in fewer:
+                pos = m.index[:width]
+            drop = np.unique(np.asarray(gone.get((m.path, m.axis), []), int))
+            rows = tuple(
+                tuple(sorted((p - np.searchsorted(drop, p)).tolist() for p in row if p not in drop))
+                for row in pos.tolist()
+            )
+            key.append((m.path, m.axis, rows))
+        out.add(frozenset(key))
+    return out
+
+
+def _moved(groups: Groups, chosen, closed, shapes) -> str | None:
+    """Whether the program traced at the smaller widths places the remaining channels where
+    ``shrink`` puts them (a reshape with a hard-coded size, ``x.reshape(b, 4, -1)``, does not)."""
+    try:
+        smaller = _collect(_analyze(closed, len(groups.paths)), groups.paths, shapes, groups.treedef, None)
+    except Exception as e:  # noqa: BLE001 - a program the analysis cannot read there: refuse
+        return f"the analysis fails at a smaller width ({type(e).__name__})"
+    want = _layout(groups, chosen=chosen)
+    got = _layout(smaller)
+    if want <= got:
+        return None
+    return (
+        "at a smaller width the program lays the channels out differently (a reshape with a fixed "
+        "size, such as x.reshape(b, heads, -1)?)"
     )
 
 

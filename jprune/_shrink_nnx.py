@@ -28,7 +28,32 @@ def nnx_groups(model, *args, **kwargs) -> Groups:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    return channel_groups(lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k), state, *args, **kwargs)
+
+    def apply(s, *a, **k):  # layer attributes follow the shapes: the width check retraces smaller
+        new = nnx.merge(graphdef, s)
+        for module, attrs in _resized(new):
+            for name, value in attrs.items():
+                if hasattr(module, name):
+                    setattr(module, name, value)
+        return new(*a, **k)
+
+    return channel_groups(apply, state, *args, **kwargs)
+
+
+def _resized(new):
+    """``(module, attributes)`` of every known layer of ``new``, from its variables' shapes."""
+    from flax import nnx
+
+    out = []
+    for _, module in nnx.iter_modules(new):
+        full = {
+            k: tuple(np.shape(v.get_value() if hasattr(v, "get_value") else v.value))
+            for k, v in _vars(module)
+        }
+        attrs = _features(module, full) if full else None
+        if attrs:
+            out.append((module, attrs))
+    return out
 
 
 def _features(module, shapes):

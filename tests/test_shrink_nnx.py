@@ -91,9 +91,11 @@ def test_attention_heads_and_mlp():
     small, _ = check(model, x, select=heads_and_mlp)
     assert (small.att.num_heads, small.att.head_dim, small.att.qkv_features) == (2, 3, 6)
     assert small.up.out_features == 8
-    with pytest.raises(ValueError, match="head sizes"):
-        graphdef, state = nnx.split(model)
-        jpnnx.shrink(model, jp.group_structured(state, 0.5, groups), groups)  # value dims too
+    # the value dims cannot shrink alone (nnx.MultiHeadAttention has one head_dim for q, k and v):
+    # the width check refuses that group, so pruning every prunable group is safe
+    (values,) = [g for g in groups if any(str(m) == "att/value/kernel[2]" for m in g.members)]
+    assert not values.prunable and "smaller width" in values.reason
+    check(model, x)
 
 
 def test_unknown_layer_refused():
