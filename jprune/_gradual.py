@@ -221,7 +221,10 @@ def update_masks(
     all True, from ``jp.identity``) on every leaf ``select`` picks.
 
     The schedule is only read on pruning steps (``step % frequency == 0``), so the masks reach a
-    schedule's final sparsity on the first pruning step at or after its end.
+    schedule's final sparsity on the first pruning step at or after its end. A concrete ``step``
+    (a Python int) is decided here, and the schedule's value checked as by
+    :func:`prune_to_sparsity` (refused outside [0, 1], above ``n / m``, or unreachable under
+    ``max_sparsity``); inside ``jax.jit`` a traced value is clipped to [0, 1] and capped there.
 
     The returned params are zero where pruned (newly pruned entries are zeroed on pruning steps).
     With :func:`keep_pruned` holding them there, the forward pass can use the params directly:
@@ -241,8 +244,9 @@ def update_masks(
       arrays, ``None`` on unpruned leaves).
 
     Raises:
-      ValueError: if ``frequency < 1``, or a selected leaf has a ``None`` mask.
-      TypeError: if ``frequency`` is not an integer.
+      ValueError: if ``frequency < 1``, a selected leaf has a ``None`` mask, ``schedule(step)`` is
+        not a scalar, or (concrete ``step``) a sparsity :func:`prune_to_sparsity` refuses.
+      TypeError: if ``frequency`` or ``step`` is not an integer.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jprune as jp
@@ -258,6 +262,9 @@ def update_masks(
     """
     frequency = check_step("frequency", frequency, minimum=1)
     schedule = as_schedule(schedule)
+    if isinstance(step, bool) or not jnp.issubdtype(jnp.result_type(step), jnp.integer):
+        raise TypeError(f"step must be an integer (a traced int scalar in a jitted step), got {step!r}")
+    concrete = not is_tracer(step)
     step = jnp.asarray(step)
     if jnp.issubdtype(step.dtype, jnp.unsignedinteger):  # nnx.Optimizer's step: uint32 would wrap
         step = step.astype(jnp.int32)  # in a schedule's (step - begin)
@@ -268,9 +275,12 @@ def update_masks(
 
     def recompute(operands):
         params, masks = operands
+        sparsity = schedule(step)
+        if jnp.ndim(sparsity) != 0:
+            raise ValueError(f"schedule(step) must be a scalar sparsity, got shape {jnp.shape(sparsity)}")
         new = prune_to_sparsity(
             params,
-            schedule(step),
+            sparsity,
             masks=masks,
             scope=scope,
             select=select,
@@ -284,4 +294,6 @@ def update_masks(
             )
         return apply_masks(params, new), new  # torch's orig * mask, the one way masks are applied
 
-    return jax.lax.cond(jnp.asarray(step) % frequency == 0, recompute, lambda ops: ops, (params, masks))
+    if concrete:  # a known step: prune or not here, so a concrete sparsity is checked as in prune_to_sparsity
+        return recompute((params, masks)) if int(step) % frequency == 0 else (params, masks)
+    return jax.lax.cond(step % frequency == 0, recompute, lambda ops: ops, (params, masks))
