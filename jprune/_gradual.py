@@ -103,7 +103,8 @@ def prune_to_sparsity(
       pattern: ``(n, m)`` to ramp towards N:M sparsity (e.g. ``(2, 4)``): only entries that
         ``jp.n_m_unstructured(params, n, m, masks=masks)`` would prune are candidates (groups of
         ``m`` along a kernel's input axis, ``-2``), so at ``sparsity = n / m`` every group has
-        ``n`` pruned. A concrete ``sparsity`` above ``n / m`` is refused; a traced one is capped.
+        ``n`` pruned. A concrete ``sparsity`` above ``n / m`` is refused, and so is a scope that
+        asks one leaf for more than the pattern prunes (``"erk"`` often does); traced, both are capped.
       max_sparsity: with ``scope="global"``, the most any one leaf may be pruned (a fraction):
         the global ranking skips a leaf once it reaches it.
 
@@ -112,7 +113,8 @@ def prune_to_sparsity(
 
     Raises:
       ValueError: an unknown ``scope``, a concrete ``sparsity`` outside [0, 1] (or above ``n / m``
-        with ``pattern``, or unreachable under ``max_sparsity``), a dict scope that misses a leaf.
+        with ``pattern``, or unreachable under ``max_sparsity``, or past the pattern in one leaf of
+        a per-layer scope), a dict scope that misses a leaf.
       TypeError: ``pattern`` not two ints.
 
     Examples:
@@ -191,6 +193,14 @@ def prune_to_sparsity(
             targets = _distribution.erk(sparsity, [v.shape for v in values])
         else:
             targets = _distribution.per_layer(sparsity, [tree.paths[i] for i in idx], sizes, scope)
+        if pattern is not None and not any(is_tracer(x) for x in [*targets, *pruned, *room]):
+            for i, t, p, r, n in zip(idx, targets, pruned, room, sizes):
+                if int(t) > int(p) + int(r):
+                    raise ValueError(
+                        f"{tree.where(i)}scope={scope!r} asks for {int(t)} of {n} entries pruned, "
+                        f"but the {pattern[0]}:{pattern[1]} pattern prunes at most {int(p) + int(r)}; "
+                        'use scope="global" or "layer" with pattern, or a lower sparsity'
+                    )
         kept = [
             l1_unstructured(v, jnp.clip(t - p, 0, r), masks=c)
             for v, t, p, r, c in zip(values, targets, pruned, room, cands)

@@ -91,3 +91,21 @@ def test_masks_off_the_params_paths_are_refused_naming_the_paths():
     after = jax.tree.map(np.array, nnx.state(model))
     assert jax.tree.structure(after) == jax.tree.structure(before)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_a_per_layer_scope_beyond_the_n_m_pattern_is_refused_not_under_pruned():
+    # ERK gives the square kernel more than 2/4 sparsity; the pattern cannot prune past 2 of 4,
+    # so the total would silently fall short of round(s * N): refused, naming the leaf
+    key = jax.random.key(0)
+    params = {
+        "a": {"kernel": jax.random.normal(key, (64, 64))},
+        "b": {"kernel": jax.random.normal(key, (8, 512))},
+    }
+    n = 64 * 64 + 8 * 512
+    with pytest.raises(ValueError, match=r"a/kernel.*2:4"):
+        jp.prune_to_sparsity(params, 0.3, scope="erk", pattern=(2, 4))
+    with pytest.raises(ValueError, match=r"a/kernel.*2:4"):
+        jp.update_masks(params, jp.identity(params), 0, 0.3, scope="erk", pattern=(2, 4))
+    for scope in ("global", "layer"):  # what fits is exact
+        masks = jp.prune_to_sparsity(params, 0.3, scope=scope, pattern=(2, 4))
+        assert sum(int((~m).sum()) for m in jax.tree.leaves(masks)) == round(0.3 * n)
