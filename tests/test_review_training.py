@@ -109,3 +109,24 @@ def test_a_per_layer_scope_beyond_the_n_m_pattern_is_refused_not_under_pruned():
     for scope in ("global", "layer"):  # what fits is exact
         masks = jp.prune_to_sparsity(params, 0.3, scope=scope, pattern=(2, 4))
         assert sum(int((~m).sum()) for m in jax.tree.leaves(masks)) == round(0.3 * n)
+
+
+@pytest.mark.parametrize(
+    "shapes,sparsity",
+    [
+        ([(1928, 4873), (1033, 5367)], 0.99),
+        ([(199, 849, 125), (1658,), (552, 2239)], 0.5),
+        ([(1972,), (1090, 2925), (2860,), (1686, 9, 2515), (164,)], 0.999),
+    ],
+)
+def test_erk_counts_total_exactly_on_large_layers(shapes, sparsity):
+    # the documented total, round(s * N), must hold for layers of 1e7 entries too (float32 shares
+    # were off by a few); the counts alone, no 1e7-entry arrays needed
+    from jprune import _distribution
+
+    counts = [int(c) for c in _distribution.erk(sparsity, shapes)]
+    sizes = [int(np.prod(s)) for s in shapes]
+    assert sum(counts) == round(sparsity * sum(sizes))
+    assert all(0 <= c <= n for c, n in zip(counts, sizes))
+    dens = np.asarray(_distribution.erk_densities(sparsity, shapes))
+    assert all(c == 0 for c, d in zip(counts, dens) if d >= 1.0)  # a dense leaf stays dense
