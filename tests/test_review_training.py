@@ -130,3 +130,33 @@ def test_erk_counts_total_exactly_on_large_layers(shapes, sparsity):
     assert all(0 <= c <= n for c, n in zip(counts, sizes))
     dens = np.asarray(_distribution.erk_densities(sparsity, shapes))
     assert all(c == 0 for c, d in zip(counts, dens) if d >= 1.0)  # a dense leaf stays dense
+
+
+def _snapshot(*objs):
+    return [np.array(x) for o in objs for x in jax.tree.leaves(nnx.state(o))]
+
+
+def test_nnx_update_masks_that_fails_changes_nothing():
+    # the model holds masks on both kernels, the optimizer on one: the new masks cannot go onto the
+    # model (a held mask would be dropped); refused before params or optimizer masks change
+    model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 4, rngs=nnx.Rngs(1)))
+    params = nnx.state(model, nnx.Param)
+    jpnnx.attach_masks(model, jp.identity(params))
+    tx = jp.keep_pruned(optax.sgd(0.1), jp.identity(params, select="layers/1/kernel"))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    before = _snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="layers/0/kernel"):
+        jpnnx.update_masks(model, optimizer, 0.5, select="layers/1/kernel")
+    after = _snapshot(model, optimizer)
+    assert len(before) == len(after) and all(np.array_equal(x, y) for x, y in zip(before, after))
+
+
+def test_attach_masks_that_fails_attaches_nothing():
+    model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 4, rngs=nnx.Rngs(1)))
+    params = nnx.state(model, nnx.Param)
+    jpnnx.attach_masks(model, jp.identity(params, select="layers/1/kernel"))
+    masks = jp.l1_unstructured(params, 0.5, select="layers/0/kernel")  # None at layers/1/kernel
+    with pytest.raises(ValueError, match="layers/1/kernel"):
+        jpnnx.attach_masks(model, masks)
+    assert not hasattr(model.layers[0], "kernel_mask")
+    assert bool(jnp.all(model.layers[1].kernel_mask.get_value()))
