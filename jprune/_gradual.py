@@ -274,8 +274,8 @@ def update_masks(
     schedule = as_schedule(schedule)
     if isinstance(step, bool) or not jnp.issubdtype(jnp.result_type(step), jnp.integer):
         raise TypeError(f"step must be an integer (a traced int scalar in a jitted step), got {step!r}")
-    concrete = not is_tracer(step)
-    step = jnp.asarray(step)
+    prune_now = None if is_tracer(step) else int(step) % frequency == 0  # before jnp.asarray: under
+    step = jnp.asarray(step)  # jit that gives a tracer even for a Python int
     if jnp.issubdtype(step.dtype, jnp.unsignedinteger):  # nnx.Optimizer's step: uint32 would wrap
         step = step.astype(jnp.int32)  # in a schedule's (step - begin)
     _check_scope(scope)
@@ -304,6 +304,6 @@ def update_masks(
             )
         return apply_masks(params, new), new  # torch's orig * mask, the one way masks are applied
 
-    if concrete:  # a known step: prune or not here, so a concrete sparsity is checked as in prune_to_sparsity
-        return recompute((params, masks)) if int(step) % frequency == 0 else (params, masks)
+    if prune_now is not None:  # a known step: decided here (a concrete sparsity is then checked)
+        return recompute((params, masks)) if prune_now else (params, masks)
     return jax.lax.cond(step % frequency == 0, recompute, lambda ops: ops, (params, masks))

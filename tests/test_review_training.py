@@ -75,6 +75,15 @@ def test_eager_and_jitted_update_masks_agree():
         assert jax.tree.structure(eager) == jax.tree.structure(jitted(params, masks, t))
 
 
+def test_update_masks_with_a_python_int_step_inside_jit():
+    params, masks = _params(), jp.identity(_params())
+    schedule = jp.polynomial_sparsity(0.8, 0, 10)
+    for t in (2, 3):
+        jitted = jax.jit(lambda p, m, t=t: jp.update_masks(p, m, t, schedule, frequency=2))(params, masks)
+        eager = jp.update_masks(params, masks, t, schedule, frequency=2)
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)))
+
+
 def test_masks_off_the_params_paths_are_refused_naming_the_paths():
     model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 4, rngs=nnx.Rngs(1)))
     before = jax.tree.map(np.array, nnx.state(model))
