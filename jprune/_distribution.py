@@ -104,4 +104,14 @@ def _erk_counts(sparsity, total, shapes):
     rest = jnp.clip(total - jnp.sum(base), 0, len(shapes))
     order = jnp.argsort(jnp.where(room, -(share - jnp.floor(share)), jnp.inf), stable=True)
     rank = jnp.zeros(len(shapes), jnp.int32).at[order].set(jnp.arange(len(shapes), dtype=jnp.int32))
-    return base + ((rank < rest) & room).astype(jnp.int32)
+    counts = base + ((rank < rest) & room).astype(jnp.int32)
+    # float32 shares of layers of ~1e7 entries are off by a few: settle the exact total on the
+    # non-dense leaves, largest remainders first when adding, smallest first when taking away
+    diff = total - jnp.sum(counts)
+    up = jnp.where(dens < 1.0, sizes - counts, 0)
+    down = jnp.where(dens < 1.0, counts, 0)
+    frac = jnp.where(dens < 1.0, share - jnp.floor(share), 0.0)
+    order = jnp.where(diff >= 0, jnp.argsort(-frac, stable=True), jnp.argsort(frac, stable=True))
+    cap = jnp.where(diff >= 0, up, down)[order]
+    moved = jnp.clip(jnp.abs(diff) - (jnp.cumsum(cap) - cap), 0, cap)
+    return counts + jnp.sign(diff) * jnp.zeros_like(counts).at[order].set(moved)

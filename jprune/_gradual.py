@@ -103,7 +103,8 @@ def prune_to_sparsity(
       pattern: ``(n, m)`` to ramp towards N:M sparsity (e.g. ``(2, 4)``): only entries that
         ``jp.n_m_unstructured(params, n, m, masks=masks)`` would prune are candidates (groups of
         ``m`` along a kernel's input axis, ``-2``), so at ``sparsity = n / m`` every group has
-        ``n`` pruned. A concrete ``sparsity`` above ``n / m`` is refused; a traced one is capped.
+        ``n`` pruned. A concrete ``sparsity`` above ``n / m`` is refused, and so is a scope that
+        asks one leaf for more than the pattern prunes (``"erk"`` often does); traced, both are capped.
       max_sparsity: with ``scope="global"``, the most any one leaf may be pruned (a fraction):
         the global ranking skips a leaf once it reaches it.
 
@@ -112,7 +113,8 @@ def prune_to_sparsity(
 
     Raises:
       ValueError: an unknown ``scope``, a concrete ``sparsity`` outside [0, 1] (or above ``n / m``
-        with ``pattern``, or unreachable under ``max_sparsity``), a dict scope that misses a leaf.
+        with ``pattern``, or unreachable under ``max_sparsity``, or past the pattern in one leaf of
+        a per-layer scope), a dict scope that misses a leaf.
       TypeError: ``pattern`` not two ints.
 
     Examples:
@@ -191,6 +193,14 @@ def prune_to_sparsity(
             targets = _distribution.erk(sparsity, [v.shape for v in values])
         else:
             targets = _distribution.per_layer(sparsity, [tree.paths[i] for i in idx], sizes, scope)
+        if pattern is not None and not any(is_tracer(x) for x in [*targets, *pruned, *room]):
+            for i, t, p, r, n in zip(idx, targets, pruned, room, sizes):
+                if int(t) > int(p) + int(r):
+                    raise ValueError(
+                        f"{tree.where(i)}scope={scope!r} asks for {int(t)} of {n} entries pruned, "
+                        f"but the {pattern[0]}:{pattern[1]} pattern prunes at most {int(p) + int(r)}; "
+                        'use scope="global" or "layer" with pattern, or a lower sparsity'
+                    )
         kept = [
             l1_unstructured(v, jnp.clip(t - p, 0, r), masks=c)
             for v, t, p, r, c in zip(values, targets, pruned, room, cands)
@@ -221,7 +231,10 @@ def update_masks(
     all True, from ``jp.identity``) on every leaf ``select`` picks.
 
     The schedule is only read on pruning steps (``step % frequency == 0``), so the masks reach a
-    schedule's final sparsity on the first pruning step at or after its end.
+    schedule's final sparsity on the first pruning step at or after its end. A concrete ``step``
+    (a Python int) is decided here, and the schedule's value checked as by
+    :func:`prune_to_sparsity` (refused outside [0, 1], above ``n / m``, or unreachable under
+    ``max_sparsity``); inside ``jax.jit`` a traced value is clipped to [0, 1] and capped there.
 
     The returned params are zero where pruned (newly pruned entries are zeroed on pruning steps).
     With :func:`keep_pruned` holding them there, the forward pass can use the params directly:
@@ -241,8 +254,9 @@ def update_masks(
       arrays, ``None`` on unpruned leaves).
 
     Raises:
-      ValueError: if ``frequency < 1``, or a selected leaf has a ``None`` mask.
-      TypeError: if ``frequency`` is not an integer.
+      ValueError: if ``frequency < 1``, a selected leaf has a ``None`` mask, ``schedule(step)`` is
+        not a scalar, or (concrete ``step``) a sparsity :func:`prune_to_sparsity` refuses.
+      TypeError: if ``frequency`` or ``step`` is not an integer.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jprune as jp
@@ -258,7 +272,10 @@ def update_masks(
     """
     frequency = check_step("frequency", frequency, minimum=1)
     schedule = as_schedule(schedule)
-    step = jnp.asarray(step)
+    if isinstance(step, bool) or not jnp.issubdtype(jnp.result_type(step), jnp.integer):
+        raise TypeError(f"step must be an integer (a traced int scalar in a jitted step), got {step!r}")
+    prune_now = None if is_tracer(step) else int(step) % frequency == 0  # before jnp.asarray: under
+    step = jnp.asarray(step)  # jit that gives a tracer even for a Python int
     if jnp.issubdtype(step.dtype, jnp.unsignedinteger):  # nnx.Optimizer's step: uint32 would wrap
         step = step.astype(jnp.int32)  # in a schedule's (step - begin)
     _check_scope(scope)
@@ -268,9 +285,12 @@ def update_masks(
 
     def recompute(operands):
         params, masks = operands
+        sparsity = schedule(step)
+        if jnp.ndim(sparsity) != 0:
+            raise ValueError(f"schedule(step) must be a scalar sparsity, got shape {jnp.shape(sparsity)}")
         new = prune_to_sparsity(
             params,
-            schedule(step),
+            sparsity,
             masks=masks,
             scope=scope,
             select=select,
@@ -284,4 +304,6 @@ def update_masks(
             )
         return apply_masks(params, new), new  # torch's orig * mask, the one way masks are applied
 
-    return jax.lax.cond(jnp.asarray(step) % frequency == 0, recompute, lambda ops: ops, (params, masks))
+    if prune_now is not None:  # a known step: decided here (a concrete sparsity is then checked)
+        return recompute((params, masks)) if prune_now else (params, masks)
+    return jax.lax.cond(step % frequency == 0, recompute, lambda ops: ops, (params, masks))

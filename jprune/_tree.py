@@ -71,6 +71,12 @@ def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def _few(paths: Sequence[str], n: int = 4) -> str:
+    """Up to ``n`` paths, quoted, and how many more."""
+    shown = ", ".join(repr(p) for p in paths[:n])
+    return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
 Select = str | Sequence[str] | Callable[[str, Any], bool] | None
 
 
@@ -150,15 +156,22 @@ class Tree:
             return [None] * len(self.paths)
         try:
             leaves = self.treedef.flatten_up_to(tree)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError):
             # Another container with the very same leaf paths (a dict for an nnx.State) lines up too.
             flat = {
                 path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]
             }
             known = set(self.paths)
             extra = [p for p, x in flat.items() if p not in known and x is not None]
-            if extra or not all(p in flat for p in self.paths):
-                raise ValueError(f"{name} must mirror the structure of params: {e}") from None
+            missing = [p for p in self.paths if p not in flat]
+            if extra or missing:
+                what = name[:-1] if name.endswith("s") else name
+                why = [f"no {what} at {_few(missing)}"] if missing else []
+                why += [f"entries at {_few(extra)}, where params have none"] if extra else []
+                raise ValueError(
+                    f"{name} must mirror the structure of params: {'; '.join(why)} (a leaf that is "
+                    "not pruned takes None)"
+                ) from None
             leaves = [flat[p] for p in self.paths]
         return [unbox(x) for x in leaves]
 

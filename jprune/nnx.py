@@ -111,8 +111,16 @@ def attach_masks(model: nnx.Module, masks: Any) -> None:
       >>> int((~model.kernel_mask.get_value()).sum()), hasattr(model, "bias_mask")
       (3, False)
     """
+    for put in _attaching(model, masks):
+        put()
+
+
+def _attaching(model, masks) -> list:
+    """Checks ``masks`` against ``model`` and returns the in-place writes of :func:`attach_masks`
+    (nothing changes until they run, so a refused call leaves the model as it was)."""
     state, keys = _params(model)
     tree = _optim.check_masks(state, masks)
+    writes = []
     for path, key, m in zip(tree.paths, keys, tree.masks):
         owner, name = _owner(model, key, path)
         held = getattr(owner, name, None)
@@ -124,9 +132,10 @@ def attach_masks(model: nnx.Module, masks: Any) -> None:
                 )
             continue
         if isinstance(held, PruneMask):
-            held.set_value(m)
+            writes.append(lambda held=held, m=m: held.set_value(m))
         else:
-            setattr(owner, name, PruneMask(m))
+            writes.append(lambda owner=owner, name=name, m=m: setattr(owner, name, PruneMask(m)))
+    return writes
 
 
 def masks_of(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
@@ -227,6 +236,12 @@ def set_masks(optimizer: Any, masks: Any) -> None:
       >>> int((~jpnnx.get_masks(optimizer)["kernel"]).sum())
       5
     """
+    for put in _setting(optimizer, masks):
+        put()
+
+
+def _setting(optimizer, masks) -> list:
+    """Checks ``masks`` against the optimizer's and returns the in-place writes of :func:`set_masks`."""
     old = _optim._the_state(_opt_state(optimizer)).masks
     tree = _optim.check_masks(old, masks, hint="; new masks must have the structure of the old ones")
     if not all(box is not None for box in tree.boxes):
@@ -234,8 +249,7 @@ def set_masks(optimizer: Any, masks: Any) -> None:
             "set_masks works in place on an nnx.Optimizer (or its opt_state); this optimizer state "
             "holds plain arrays: use jp.set_masks(opt_state, masks), which returns the new state"
         )
-    for box, m in zip(tree.boxes, tree.masks):
-        box.set_value(m)
+    return [lambda box=box, m=m: box.set_value(m) for box, m in zip(tree.boxes, tree.masks)]
 
 
 def _has_masks(model) -> bool:
@@ -281,7 +295,7 @@ def update_masks(
     new_params, masks = _gradual.update_masks(
         params, get_masks(optimizer), step, schedule, frequency=frequency, **kwargs
     )
-    nnx.update(model, new_params)
-    set_masks(optimizer, masks)
-    if _has_masks(model):
-        attach_masks(model, masks)
+    writes = _setting(optimizer, masks) + (_attaching(model, masks) if _has_masks(model) else [])
+    nnx.update(model, new_params)  # everything checked: from here on nothing is refused
+    for put in writes:
+        put()
