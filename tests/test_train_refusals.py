@@ -1,4 +1,4 @@
-"""Review of the training API (issue #10) as a new user: hostile schedules, steps and masks."""
+"""The training API refuses what it cannot do exactly: hostile schedules, steps, scopes and masks."""
 
 import jax
 import jax.numpy as jnp
