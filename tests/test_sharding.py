@@ -1,4 +1,5 @@
-"""Pruning sharded params on a mesh of 8 CPU devices: no gather of the weights, masks keep sharding.
+"""Pruning sharded params on a mesh of 8 CPU devices: no gather of the weights, masks keep sharding;
+structured groups, masks and shrink on sharded params equal the unsharded ones.
 
 XLA reads the device count once, at start-up, so the check runs in a fresh interpreter.
 """
@@ -62,6 +63,24 @@ SCRIPT = textwrap.dedent(
         got, want = fn(sharded_ties, 0.3), fn(jax.device_put(params, jax.devices()[0]), 0.3)
         for k in ("a", "b"):
             np.testing.assert_array_equal(got[k]["kernel"], want[k]["kernel"])
+
+    # Structured: groups, group masks and the shrunk params of a sharded MLP equal the unsharded ones.
+    import flax.linen as nn
+    mlp = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(8)])
+    x = jnp.ones((2, 8))
+    v = jax.device_get(mlp.init(jax.random.key(0), x))
+    vs = jax.device_put(v, jax.tree.map(
+        lambda a: NamedSharding(mesh, P(*[None] * (a.ndim - 1), "data")), v))
+    groups = jp.channel_groups(mlp.apply, vs, x)
+    gm, gm0 = jp.group_structured(vs, 0.5, groups), jp.group_structured(v, 0.5, groups)
+    small, widths = jp.shrink(vs, gm, groups)
+    small0, widths0 = jp.shrink(v, gm0, groups)
+    same = lambda a, b: all(jax.tree.leaves(jax.tree.map(
+        lambda p, q: bool(np.array_equal(np.asarray(p), np.asarray(q))), a, b)))
+    assert same(gm, gm0) and same(small, small0) and widths == widths0 and widths["params/layers_0"] == 8
+    small_mlp = nn.Sequential([nn.Dense(widths["params/layers_0"]), nn.relu, nn.Dense(8)])
+    y, y0 = small_mlp.apply(small, x), mlp.apply(jp.apply_masks(vs, gm), x)
+    assert np.allclose(y, y0, rtol=1e-5, atol=1e-6)
     print("OK")
     """
 )
