@@ -74,7 +74,15 @@ def check_tree(tree: Tree, groups: Groups, what: str):
 
 
 def group_structured(
-    tree, amount, groups: Groups, n=2, masks=None, scope="global", importance_scores=None, select=None
+    tree,
+    amount,
+    groups: Groups,
+    n=2,
+    masks=None,
+    scope="global",
+    importance_scores=None,
+    select=None,
+    round_to=None,
 ):
     """Prune whole channels of coupled groups: every slice of a pruned channel, in every member.
 
@@ -103,14 +111,19 @@ def group_structured(
       select: which prunable groups to prune: None (all), a list of group ids, or a predicate on a
         ``Group`` (e.g. ``lambda g: "attention" in g.name``). A Linen ``MultiHeadDotProductAttention``
         has one head size for q, k and v, so prune its heads group, not its value-dims group.
+      round_to: None, or an int ``r``: each pruned group keeps a multiple of ``r`` of its channels
+        (heads, for a heads group), the count rounded up (so fewer are pruned than ``amount`` asks),
+        or all of its remaining channels when fewer than that multiple remain. The kept channels are
+        the most important ones, as without rounding. Widths that are multiples of 8 or 16 suit
+        vector units and matrix engines. (Torch-Pruning's ``round_to`` rounds down: it prunes more.)
 
     Returns:
       Masks mirroring ``tree``: bool arrays on every member of a pruned group, None (or the incoming
       mask) elsewhere.
 
     Raises:
-      ValueError: a bad amount, ``n`` or ``scope``; a count that would remove every channel of a
-        group; a tree that is not the one the groups were read from.
+      ValueError: a bad amount, ``n``, ``scope`` or ``round_to``; a count that would remove every
+        channel of a group; a tree that is not the one the groups were read from.
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jprune as jp
@@ -121,10 +134,14 @@ def group_structured(
       >>> masks = jp.group_structured(params, 0.5, groups)
       >>> masks["params"]["layers_2"]["kernel"].all(axis=1).sum().item()  # input rows kept
       2
+      >>> masks = jp.group_structured(params, 0.25, groups, round_to=2)  # 3 kept, rounded up to 4
+      >>> masks["params"]["layers_2"]["kernel"].all(axis=1).sum().item()
+      4
     """
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     p = _check_n(n)
+    r = _check_round_to(round_to)
     t = Tree(tree, masks, importance_scores)
     check_tree(t, groups, "group_structured")
     todo = _chosen(groups, select)
@@ -154,6 +171,7 @@ def group_structured(
                         "at most all but one channel of a group can be pruned"
                     )
         ks = [jnp.minimum(jnp.asarray(k, jnp.int32), jnp.maximum(lv - 1, 0)) for k, lv in zip(ks, live)]
+        ks = [_rounded(k, lv, r) for k, lv in zip(ks, live)]
         sources = [[(_select.given, (x, c))] for x, c in zip(keys, cands)]
         keeps = [k[0] for k in _select.prune_groups(sources, ks, bits=bits)]
     else:
@@ -170,8 +188,29 @@ def group_structured(
             [(_select.given, (jnp.concatenate(keys), jnp.concatenate(cands)))], k, bits=bits
         )
         keeps = jnp.split(flat, np.cumsum([g.width for g in todo])[:-1].tolist())
+        if r > 1:  # each group's count rounded: its smallest keys again, fewer of them
+            ks = [_rounded(jnp.sum(c & ~k, dtype=jnp.int32), lv, r) for c, k, lv in zip(cands, keeps, live)]
+            sources = [[(_select.given, (x, c))] for x, c in zip(keys, cands)]
+            keeps = [k[0] for k in _select.prune_groups(sources, ks, bits=bits)]
     new = _build(keeps, cands, t.masks, groups=groups, todo=todo, scope=scope)
     return t.with_masks(new)
+
+
+def _check_round_to(round_to) -> int:
+    if round_to is None:
+        return 1
+    if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1:
+        raise ValueError(f"round_to must be None or a positive int, got {round_to!r}")
+    return int(round_to)
+
+
+def _rounded(k, live, r):
+    """How many of ``live`` channels to prune instead of ``k``, so that a multiple of ``r`` remain
+    (rounded up), or all of them."""
+    if r == 1:
+        return k
+    kept = live - k
+    return live - jnp.minimum(live, (kept + r - 1) // r * r)
 
 
 def _chosen(groups: Groups, select) -> tuple[Group, ...]:

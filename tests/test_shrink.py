@@ -175,6 +175,40 @@ def test_property_shrunk_equals_masked(name, amount, seed, scope, n):
     assert_same_function(module, v, masks, x, rebuild, groups)
 
 
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(["lenet", "rescnn", "concat"]),
+    amount=st.floats(0.0, 0.6),
+    r=st.integers(1, 9),
+    scope=st.sampled_from(["global", "layer"]),
+)
+def test_round_to_keeps_a_multiple_of_the_most_important(name, amount, r, scope):
+    """Each group keeps a multiple of ``round_to`` channels (or all), at most ``r - 1`` more than
+    without rounding, and those are its most important ones: the channels a per-group prune of
+    that many would keep."""
+    module, v, x, rebuild, groups = model(name)
+    rounded = jp.group_structured(v, amount, groups, scope=scope, round_to=r)
+    plain = width_pruned(groups, jp.group_structured(v, amount, groups, scope=scope), v)
+    for i, (g, p, q) in enumerate(zip(groups.prunable, plain, width_pruned(groups, rounded, v))):
+        kept, kept_plain = g.width - q.sum(), g.width - p.sum()
+        assert kept % r == 0 or kept == g.width, (g.name, kept, r)
+        assert kept_plain <= kept < kept_plain + r
+        alone = jp.group_structured(v, int(q.sum()), groups, scope="layer", select=[g.id])
+        np.testing.assert_array_equal(q, width_pruned(groups, alone, v)[i])
+    assert_same_function(module, v, rounded, x, rebuild, groups)
+
+
+def test_round_to_under_jit_and_refusals():
+    module, v, x, rebuild, groups = model("lenet")
+    for scope in ("global", "layer"):
+        eager = jp.group_structured(v, 0.6, groups, scope=scope, round_to=4)
+        jitted = jax.jit(lambda v, a, s=scope: jp.group_structured(v, a, groups, scope=s, round_to=4))(v, 0.6)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), eager, jitted)
+    for bad in (0, -8, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="round_to must be"):
+            jp.group_structured(v, 0.5, groups, round_to=bad)
+
+
 def test_consumer_only_mask_removes_channel_exactly():
     """Masking only the next kernel's input rows (not the producer): the channel reaches nothing,
     so shrink removes it and the function is unchanged."""
