@@ -10,8 +10,11 @@ channels pruned, then physically removed.
 - Torch-Pruning (the anchor, if ``torch_pruning`` is installed): ``MagnitudePruner`` (L2, 50 %,
   the classifier ignored) on the same architecture; MACs from its op counter.
 
-Latencies are medians of interleaved runs (dense, pruned, dense, ...), so load from other
-processes hits both alike; ratios are what to read, absolute times drift on a shared machine.
+Latency is measured twice, with XLA's default compilation and with ``EIGEN_CONVS``
+(``examples/structured_models.py``: XLA:CPU's own convolutions instead of YNNPACK's, which run
+narrow convolutions at a fraction of their wide-layer throughput). Latencies are medians of
+interleaved runs (dense, pruned, dense, ...), so load from other processes hits all alike; ratios
+are what to read, absolute times drift on a shared machine.
 
 Run: ``make bench-structured`` or ``python bench/bench_structured.py [--batch 16] [--size 224]``.
 """
@@ -28,11 +31,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
 
-from structured_models import ResNet18, torch_resnet18  # noqa: E402
+from structured_models import EIGEN_CONVS, ResNet18, torch_resnet18  # noqa: E402
 
 import jprune as jp  # noqa: E402
 
@@ -73,7 +75,7 @@ def jprune_side(args):
     groups = jp.channel_groups(apply, variables, x[:1])
     t_groups = time.perf_counter() - start
     start = time.perf_counter()
-    masks = jp.group_structured(variables, args.amount, groups, n=2, scope=args.scope)
+    masks = jp.group_structured(variables, args.amount, groups, n=2, scope=args.scope, round_to=args.round_to)
     t_select = time.perf_counter() - start
     start = time.perf_counter()
     small, widths = jp.shrink(variables, masks, groups)
@@ -84,40 +86,77 @@ def jprune_side(args):
     def apply_small(v, x):
         return small_model.apply(v, x)
 
-    masked = jp.apply_masks(variables, masks)
+    # Two compilations of each forward: XLA's default, and with convolutions left to XLA's own
+    # (Eigen) emitter instead of YNNPACK (``EIGEN_CONVS``).
+    configs = {"XLA default": None, "Eigen convs": EIGEN_CONVS}
+    fwds, inputs = [], []
+    for options in configs.values():
+        fwds += [jax.jit(apply, compiler_options=options), jax.jit(apply_small, compiler_options=options)]
+        inputs += [variables, small]
+    # The shrunk model, in both, against the masked model (XLA default).
     probe = x[:4]
-    ref = np.asarray(jax.jit(apply)(masked, probe))
-    out = np.asarray(jax.jit(apply_small)(small, probe))
-    rel = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+    ref = np.asarray(fwds[0](jp.apply_masks(variables, masks), probe))
+    outs = [np.asarray(fwd(small, probe)) for fwd in fwds[1::2]]
+    rel = max(float(np.max(np.abs(out - ref)) / np.max(np.abs(ref))) for out in outs)
 
-    dense_fwd = jax.jit(apply)
-    small_fwd = jax.jit(apply_small)
-    jax.block_until_ready((dense_fwd(variables, x), small_fwd(small, x)))  # compile
-    t_dense, t_small = interleaved(
-        [
-            lambda: dense_fwd(variables, x).block_until_ready(),
-            lambda: small_fwd(small, x).block_until_ready(),
-        ],
-        args.repeats,
+    jax.block_until_ready([fwd(v, x) for fwd, v in zip(fwds, inputs)])  # compile
+    times = interleaved(
+        [lambda fwd=fwd, v=v: fwd(v, x).block_until_ready() for fwd, v in zip(fwds, inputs)], args.repeats
     )
-    # XLA:CPU's convolution speed is not monotonic in the output channels (3 -> 32 can be slower than
-    # 3 -> 64): time the stem conv alone at both widths, so a latency ratio can be read with it.
-    stem = []
-    for width in (variables["params"]["stem_conv"]["kernel"].shape[-1], widths["params/stem_conv"]):
-        conv = jax.jit(nn.Conv(width, (7, 7), 2, padding=3, use_bias=False).apply)
-        w = {"params": {"kernel": jnp.ones((7, 7, 3, width))}}
-        conv(w, x).block_until_ready()
-        run = lambda conv=conv, w=w: conv(w, x).block_until_ready()  # noqa: E731
-        stem.append((width, interleaved([run], args.repeats)[0]))
+    latency = {name: (times[2 * i], times[2 * i + 1]) for i, name in enumerate(configs)}
     return {
-        "stem": stem,
         "params": (count(variables["params"]), count(small["params"])),
         "flops": (flops(apply, variables, x), flops(apply_small, small, x)),
-        "latency": (t_dense, t_small),
+        "latency": latency,
         "prep": (t_groups, t_select, t_shrink),
         "rel": rel,
         "groups": groups,
     }
+
+
+def conv_table(args):
+    """Each distinct convolution of ResNet-18 alone, at full and half width, under both XLA
+    configurations: where XLA:CPU's time goes, and how it scales with the width."""
+    shapes = [  # (input size, in, out, kernel, stride, how many in the model)
+        (args.size, 3, 64, 7, 2, 1), (args.size // 4, 64, 64, 3, 1, 4), (args.size // 4, 64, 128, 3, 2, 1),
+        (args.size // 4, 64, 128, 1, 2, 1), (args.size // 8, 128, 128, 3, 1, 3),
+        (args.size // 8, 128, 256, 3, 2, 1), (args.size // 8, 128, 256, 1, 2, 1),
+        (args.size // 16, 256, 256, 3, 1, 3), (args.size // 16, 256, 512, 3, 2, 1),
+        (args.size // 16, 256, 512, 1, 2, 1), (args.size // 32, 512, 512, 3, 1, 3),
+    ]  # fmt: skip
+    print(f"\nResNet-18's convolutions alone, batch {args.batch}: ms at full width / half width (ratio)")
+    print(
+        f"  {'size':>4} {'in':>4} {'out':>4} k s  n  "
+        + "".join(f"{name:>26}" for name in ("XLA default", "Eigen convs"))
+    )
+    total = np.zeros((2, 2))
+    for size, cin, cout, k, stride, n in shapes:
+        cells = []
+        for c, options in enumerate((None, EIGEN_CONVS)):
+            ms = []
+            for half in (1, 2):
+                x = jnp.ones((args.batch, size, size, cin if cin == 3 else cin // half))
+                w = jnp.ones((k, k, x.shape[-1], cout // half))
+                conv = jax.jit(
+                    lambda x, w, s=stride, p=k // 2: jax.lax.conv_general_dilated(
+                        x, w, (s, s), [(p, p)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+                    ),
+                    compiler_options=options,
+                )
+                conv(x, w).block_until_ready()
+                ms.append(
+                    1e3
+                    * interleaved([lambda conv=conv, x=x, w=w: conv(x, w).block_until_ready()], args.repeats)[
+                        0
+                    ]
+                )
+            total[c] += n * np.array(ms)
+            cells.append(f"{ms[0]:8.2f} / {ms[1]:6.2f} ({ms[0] / ms[1]:.2f}x)")
+        print(f"  {size:>4} {cin:>4} {cout:>4} {k} {stride} {n:>2}  " + "".join(f"{c:>26}" for c in cells))
+    print(
+        "  total (x n)            "
+        + "".join(f"{f'{a:8.1f} / {b:6.1f} ({a / b:.2f}x)':>26}" for a, b in total)
+    )
 
 
 def torch_side(args):
@@ -140,6 +179,7 @@ def torch_side(args):
         example,
         importance=tp.importance.MagnitudeImportance(p=2),
         pruning_ratio=args.amount,
+        round_to=args.round_to,
         global_pruning=args.scope == "global",
         ignored_layers=[model.fc],
     )
@@ -159,21 +199,25 @@ def torch_side(args):
     }
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--amount", type=float, default=0.5)
     parser.add_argument("--scope", choices=("layer", "global"), default="layer")
+    parser.add_argument("--round-to", type=int, default=None, help="keep a multiple of this many channels")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--groups", action="store_true", help="print the ResNet-18's channel groups")
-    args = parser.parse_args()
+    parser.add_argument("--convs", action="store_true", help="time each convolution alone at both widths")
+    args = parser.parse_args(argv)
 
     print(
         f"ResNet-18, batch {args.batch}, {args.size}x{args.size}, {100 * args.amount:.0f} % of channels "
-        f"(scope={args.scope}), CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"jax {jax.__version__}"
+        f"(scope={args.scope}, round_to={args.round_to}), "
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}"
     )
+    if args.convs:
+        conv_table(args)
     j = jprune_side(args)
     if args.groups:
         print(j["groups"])
@@ -186,30 +230,27 @@ def main():
     print("\njprune (Flax, XLA CPU)")
     row("params", *j["params"], "M", 1e6)
     row("FLOPs (XLA cost analysis)", *j["flops"], "G", 1e9)
-    row("latency (median)", *j["latency"], "ms", 1e-3)
+    for name, (dense, small) in j["latency"].items():
+        row(f"latency, {name}", dense, small, "ms", 1e-3)
     tg, ts, tk = j["prep"]
     print(
         f"  channel_groups {tg:.2f} s + group_structured {ts:.2f} s + shrink {tk:.2f} s "
         f"= {tg + ts + tk:.2f} s; shrunk vs masked: max |diff| / max |out| = {j['rel']:.1e}"
     )
-    (c0, s0), (c1, s1), (t0, t1) = *j["stem"], j["latency"]
-    print(
-        f"  the stem conv alone (7x7/2, 3 -> C channels), XLA CPU: C={c0} {1e3 * s0:.1f} ms, "
-        f"C={c1} {1e3 * s1:.1f} ms; the rest of the model: {(t0 - s0) / (t1 - s1):.2f}x"
-    )
     if t is None:
         print("\nTorch-Pruning is not installed (pip install --no-deps torch-pruning): no anchor")
-        return
+        return j, t
     print(f"\nTorch-Pruning {t['version']} (torch, {t['threads']} threads)")
     row("params", *t["params"], "M", 1e6)
     row("MACs (x2 = FLOPs)", *t["macs"], "G", 1e9)
     row("latency (median)", *t["latency"], "ms", 1e-3)
     print(f"  MagnitudePruner + step: {t['prep']:.2f} s")
+    ratios = ", ".join(f"{d / s:.2f}x ({name})" for name, (d, s) in j["latency"].items())
     print(
         f"\nreduction, jprune vs Torch-Pruning: FLOPs {j['flops'][0] / j['flops'][1]:.2f}x vs "
-        f"{t['macs'][0] / t['macs'][1]:.2f}x, latency {j['latency'][0] / j['latency'][1]:.2f}x vs "
-        f"{t['latency'][0] / t['latency'][1]:.2f}x"
+        f"{t['macs'][0] / t['macs'][1]:.2f}x; latency {ratios} vs {t['latency'][0] / t['latency'][1]:.2f}x"
     )
+    return j, t
 
 
 if __name__ == "__main__":

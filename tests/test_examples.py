@@ -72,6 +72,19 @@ def test_bench_train_smoke(capsys):
     assert "keep-pruned" in capsys.readouterr().out
 
 
+def test_bench_structured_smoke(capsys):
+    """The ResNet-18 bench runs at a tiny size: both XLA configurations compile the shrunk model, which
+    computes what the masked one does, beside Torch-Pruning's pruned torch model."""
+    sys.path.insert(0, os.path.join(EXAMPLES, os.pardir, "bench"))
+    j, t = _run(
+        "bench_structured", ["--batch", "2", "--size", "32", "--repeats", "1", "--convs", "--round-to", "8"]
+    )
+    assert j["rel"] <= 1e-5
+    assert set(j["latency"]) == {"XLA default", "Eigen convs"}
+    assert j["flops"][1] < j["flops"][0] and j["params"] == t["params"]  # same channels as Torch-Pruning
+    assert "latency, Eigen convs" in capsys.readouterr().out
+
+
 def test_load_mnist_reads_idx_files(tmp_path):
     import gzip
     import struct
