@@ -22,6 +22,7 @@ Run: ``make bench-structured`` or ``python bench/bench_structured.py [--batch 16
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -194,7 +195,7 @@ def torch_side(args):
         "macs": (macs0 * args.batch, macs1 * args.batch),
         "latency": (t_dense, t_small),
         "prep": t_prune,
-        "version": tp.__version__,
+        "version": importlib.metadata.version("torch-pruning"),  # its wheel has no __version__
         "threads": torch.get_num_threads(),
     }
 
