@@ -10,7 +10,7 @@ channels pruned, then physically removed.
 - Torch-Pruning (the anchor, if ``torch_pruning`` is installed): ``MagnitudePruner`` (L2, 50 %,
   the classifier ignored) on the same architecture; MACs from its op counter.
 
-Latency is measured twice, with XLA's default compilation and with ``EIGEN_CONVS``
+Latency is measured twice, with XLA's default compilation and with ``NO_YNNPACK``
 (``examples/structured_models.py``: XLA:CPU's own convolutions instead of YNNPACK's, which run
 narrow convolutions at a fraction of their wide-layer throughput). Latencies are medians of
 interleaved runs (dense, pruned, dense, ...), so load from other processes hits all alike; ratios
@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
 
-from structured_models import EIGEN_CONVS, ResNet18, torch_resnet18  # noqa: E402
+from structured_models import NO_YNNPACK, ResNet18, torch_resnet18  # noqa: E402
 
 import jprune as jp  # noqa: E402
 
@@ -87,9 +87,9 @@ def jprune_side(args):
     def apply_small(v, x):
         return small_model.apply(v, x)
 
-    # Two compilations of each forward: XLA's default, and with convolutions left to XLA's own
-    # (Eigen) emitter instead of YNNPACK (``EIGEN_CONVS``).
-    configs = {"XLA default": None, "Eigen convs": EIGEN_CONVS}
+    # Two compilations of each forward: XLA's default, and without YNNPACK (``NO_YNNPACK``), so that
+    # convolutions run on XLA's own (Eigen) emitter.
+    configs = {"XLA default": None, "YNNPACK off": NO_YNNPACK}
     fwds, inputs = [], []
     for options in configs.values():
         fwds += [jax.jit(apply, compiler_options=options), jax.jit(apply_small, compiler_options=options)]
@@ -128,12 +128,12 @@ def conv_table(args):
     print(f"\nResNet-18's convolutions alone, batch {args.batch}: ms at full width / half width (ratio)")
     print(
         f"  {'size':>4} {'in':>4} {'out':>4} k s  n  "
-        + "".join(f"{name:>26}" for name in ("XLA default", "Eigen convs"))
+        + "".join(f"{name:>26}" for name in ("XLA default", "YNNPACK off"))
     )
     total = np.zeros((2, 2))
     for size, cin, cout, k, stride, n in shapes:
         cells = []
-        for c, options in enumerate((None, EIGEN_CONVS)):
+        for c, options in enumerate((None, NO_YNNPACK)):
             ms = []
             for half in (1, 2):
                 x = jnp.ones((args.batch, size, size, cin if cin == 3 else cin // half))

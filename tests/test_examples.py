@@ -80,9 +80,9 @@ def test_bench_structured_smoke(capsys):
         "bench_structured", ["--batch", "2", "--size", "32", "--repeats", "1", "--convs", "--round-to", "8"]
     )
     assert j["rel"] <= 1e-5
-    assert set(j["latency"]) == {"XLA default", "Eigen convs"}
+    assert set(j["latency"]) == {"XLA default", "YNNPACK off"}
     assert j["flops"][1] < j["flops"][0] and j["params"] == t["params"]  # same channels as Torch-Pruning
-    assert "latency, Eigen convs" in capsys.readouterr().out
+    assert "latency, YNNPACK off" in capsys.readouterr().out
 
 
 def test_load_mnist_reads_idx_files(tmp_path):
