@@ -19,7 +19,9 @@ The analysis reads shapes and op parameters only (no values), one pass over the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import threading
 from dataclasses import dataclass, replace
 
 import jax
@@ -908,27 +910,40 @@ def _check_widths(groups: Groups, program, leaves, arg_leaves) -> Groups:
     )
 
 
+_UNCHECKED_HERE = threading.local()  # set while this thread retraces a Linen module
+_WRAP_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _linen_shapes_unchecked():
-    """Linen's ``Scope.param`` returns an existing parameter without comparing its shape with the
-    module's constructor (for the width check's retrace only)."""
+    """In this thread only, Linen's ``Scope.param`` returns an existing parameter without comparing
+    its shape with the module's constructor (for the width check's retrace only).
+
+    ``Scope.param`` is wrapped once, and the wrapper changes nothing unless the calling thread is
+    inside this context: Linen code running meanwhile in other threads keeps its shape checks."""
     from flax.core import meta
     from flax.core.scope import Scope
 
-    checked = Scope.param
+    with _WRAP_LOCK:
+        if not getattr(Scope.param, "_jprune_unchecked", False):
+            checked = Scope.param
 
-    def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
-        if not self.has_variable("params", name):
-            return checked(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
-        self.reserve(name, "params")
-        value = self.get_variable("params", name)
-        return meta.unbox(value) if unbox else value
+            @functools.wraps(checked)
+            def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+                if getattr(_UNCHECKED_HERE, "on", False) and self.has_variable("params", name):
+                    self.reserve(name, "params")
+                    value = self.get_variable("params", name)
+                    return meta.unbox(value) if unbox else value
+                return checked(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
 
-    Scope.param = param
+            param._jprune_unchecked = True
+            Scope.param = param
+    outer = getattr(_UNCHECKED_HERE, "on", False)
+    _UNCHECKED_HERE.on = True
     try:
         yield
     finally:
-        Scope.param = checked
+        _UNCHECKED_HERE.on = outer
 
 
 def _layout(groups, sizes=None, chosen=()):

@@ -188,3 +188,35 @@ def test_constant_channel_through_padding_is_not_folded(op):
     y = jax.random.normal(jax.random.key(3), (2, 5, 5, 3))
     _same(small(y), nnx.merge(graphdef, jp.apply_masks(state, masks))(y))
     assert "padd" in _group(groups, "a/kernel[3]").varies
+
+
+def test_linen_retrace_leaves_other_threads_shape_checks_on():
+    """The width check retraces a Linen module with its parameter shape checks off: in that thread
+    only, and only inside the retrace; Linen code in another thread meanwhile still refuses a
+    kernel of the wrong shape."""
+    import threading
+
+    from flax.errors import ScopeParamShapeError
+
+    from jprune._groups import _linen_shapes_unchecked
+
+    dense = nn.Dense(4)
+    x = jnp.ones((1, 3))
+    wrong = {"params": {"kernel": jnp.ones((3, 6)), "bias": jnp.ones(6)}}  # 6 features, not 4
+    seen = []
+
+    def other_thread():
+        try:
+            dense.apply(wrong, x)
+            seen.append("no error")
+        except ScopeParamShapeError:
+            seen.append("refused")
+
+    with _linen_shapes_unchecked():
+        assert dense.apply(wrong, x).shape == (1, 6)  # this thread: read as given
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert seen == ["refused"]
+    with pytest.raises(ScopeParamShapeError):
+        dense.apply(wrong, x)  # and here again, after the retrace
