@@ -201,7 +201,9 @@ def _check_round_to(round_to) -> int:
         return 1
     if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1:
         raise ValueError(f"round_to must be None or a positive int, got {round_to!r}")
-    return int(round_to)
+    # any r of at least a group's width keeps all it has left: the same for every larger r, and
+    # int32 counts then hold it
+    return min(int(round_to), _select.MAX_GROUP)
 
 
 def _rounded(k, live, r):
@@ -209,8 +211,8 @@ def _rounded(k, live, r):
     (rounded up), or all of them."""
     if r == 1:
         return k
-    kept = live - k
-    return live - jnp.minimum(live, (kept + r - 1) // r * r)
+    short = -(live - k) % r  # how many more to keep for a multiple of r: no int32 overflow
+    return jnp.maximum(k - short, 0)
 
 
 def _chosen(groups: Groups, select) -> tuple[Group, ...]:
