@@ -20,7 +20,9 @@ _STATS = ("mean", "var")  # Flax BatchNorm's running statistics: coupled, but no
 def _slices(x, member, xp=jnp):
     """``x`` with the member's axis first, channels as rows: ``(width, ...)``."""
     x = xp.moveaxis(x, member.axis, 0)
-    return x if member.index is None else x[member.index]
+    # as an array: JAX reuses a jitted function's numpy int64 index constants across a switch of
+    # jax_enable_x64, and fails ("lax.add requires arguments to have the same dtypes")
+    return x if member.index is None else x[xp.asarray(member.index)]
 
 
 def _check_n(n):
@@ -286,7 +288,11 @@ def _build(keeps, cands, masks, *, groups, todo, scope):
             if m.index is None:
                 along = keep
             else:
-                along = jnp.ones(size, bool).at[m.index].set(jnp.broadcast_to(keep[:, None], m.index.shape))
+                along = (
+                    jnp.ones(size, bool)
+                    .at[jnp.asarray(m.index)]
+                    .set(jnp.broadcast_to(keep[:, None], m.index.shape))
+                )
             view = [1] * len(shape)
             view[m.axis] = size
             full = jnp.broadcast_to(along.reshape(view), shape)
