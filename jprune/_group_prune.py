@@ -20,7 +20,9 @@ _STATS = ("mean", "var")  # Flax BatchNorm's running statistics: coupled, but no
 def _slices(x, member, xp=jnp):
     """``x`` with the member's axis first, channels as rows: ``(width, ...)``."""
     x = xp.moveaxis(x, member.axis, 0)
-    return x if member.index is None else x[member.index]
+    # as an array: JAX reuses a jitted function's numpy int64 index constants across a switch of
+    # jax_enable_x64, and fails ("lax.add requires arguments to have the same dtypes")
+    return x if member.index is None else x[xp.asarray(member.index)]
 
 
 def _check_n(n):
@@ -201,7 +203,9 @@ def _check_round_to(round_to) -> int:
         return 1
     if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1:
         raise ValueError(f"round_to must be None or a positive int, got {round_to!r}")
-    return int(round_to)
+    # any r of at least a group's width keeps all it has left: the same for every larger r, and
+    # int32 counts then hold it
+    return min(int(round_to), _select.MAX_GROUP)
 
 
 def _rounded(k, live, r):
@@ -209,8 +213,8 @@ def _rounded(k, live, r):
     (rounded up), or all of them."""
     if r == 1:
         return k
-    kept = live - k
-    return live - jnp.minimum(live, (kept + r - 1) // r * r)
+    short = -(live - k) % r  # how many more to keep for a multiple of r: no int32 overflow
+    return jnp.maximum(k - short, 0)
 
 
 def _chosen(groups: Groups, select) -> tuple[Group, ...]:
@@ -284,7 +288,11 @@ def _build(keeps, cands, masks, *, groups, todo, scope):
             if m.index is None:
                 along = keep
             else:
-                along = jnp.ones(size, bool).at[m.index].set(jnp.broadcast_to(keep[:, None], m.index.shape))
+                along = (
+                    jnp.ones(size, bool)
+                    .at[jnp.asarray(m.index)]
+                    .set(jnp.broadcast_to(keep[:, None], m.index.shape))
+                )
             view = [1] * len(shape)
             view[m.axis] = size
             full = jnp.broadcast_to(along.reshape(view), shape)
