@@ -145,3 +145,30 @@ def build(name):
     module = cls()
     x = jax.random.normal(jax.random.key(2), shape)
     return module, _init(module, x), x, rebuild
+
+
+def assert_same_function(module, v, masks, x, rebuild, groups):
+    """The shrunk model, rebuilt from ``widths``, computes the masked model's output (to 1e-5 of its
+    largest entry); returns ``(small, widths)``."""
+    import jprune as jp
+
+    small, widths = jp.shrink(v, masks, groups)
+    want = module.apply(jp.apply_masks(v, masks), x)
+    got = rebuild(widths).apply(small, x)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * max(scale, 1e-30))
+    return small, widths
+
+
+_GROUPS = {}
+
+
+def model(name):
+    """``(module, variables, x, rebuild, groups)`` for a model of ``MODELS``, the groups read once
+    per process (shared by the test files)."""
+    import jprune as jp
+
+    if name not in _GROUPS:
+        module, v, x, rebuild = build(name)
+        _GROUPS[name] = (module, v, x, rebuild, jp.channel_groups(module.apply, v, x))
+    return _GROUPS[name]

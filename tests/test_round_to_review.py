@@ -15,23 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from flax.errors import ScopeParamShapeError
-from group_models import TiedLM, Transformer, _init, build
+from group_models import TiedLM, Transformer, _init, assert_same_function, build, model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jprune as jp
 import jprune.nnx as jpnnx
 from jprune import _groups
-
-_CACHE = {}
-
-
-def model(name):
-    if name not in _CACHE:
-        module, v, x, rebuild = build(name)
-        _CACHE[name] = (module, v, x, rebuild, jp.channel_groups(module.apply, v, x))
-    return _CACHE[name]
-
 
 # --------------------------------------------------------------------------------------------------
 # NumPy reference, from the docstring
@@ -161,14 +151,6 @@ def check(groups, v, amount, *, scope, r, **kw):
     return masks
 
 
-def same_function(module, v, masks, x, rebuild, groups):
-    small, widths = jp.shrink(v, masks, groups)
-    want = module.apply(jp.apply_masks(v, masks), x)
-    got = rebuild(widths).apply(small, x)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
-    return widths
-
-
 # --------------------------------------------------------------------------------------------------
 # round_to
 
@@ -203,7 +185,7 @@ def test_round_to_matches_reference(name, scope):
             plain = jp.group_structured(v, amount, groups, scope=scope, n=n)
             jax.tree.map(np.testing.assert_array_equal, masks, plain)
     if scope == "global":
-        same_function(module, v, masks, x, rebuild, groups)
+        assert_same_function(module, v, masks, x, rebuild, groups)
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
@@ -214,7 +196,7 @@ def test_round_to_repruning_select_and_scores(scope):
     rng = np.random.default_rng(1)
     first = jp.group_structured(v, 0.3, groups, scope="layer")
     again = check(groups, v, 0.4, scope=scope, r=4, masks=first)
-    same_function(module, v, again, x, rebuild, groups)
+    assert_same_function(module, v, again, x, rebuild, groups)
     holes = jax.tree.map(lambda a: jnp.asarray(rng.random(a.shape) > 0.4), v)
     check(groups, v, 0.5, scope=scope, r=3, masks=holes)
     ids = [groups.prunable[0].id, groups.prunable[2].id]
@@ -267,7 +249,7 @@ def test_round_to_bf16():
     vb = jax.tree.map(lambda a: a.astype(jnp.bfloat16), v)
     for scope in ("layer", "global"):
         masks = check(groups, vb, 0.5, scope=scope, r=3)
-    same_function(module, v, masks, x, rebuild, groups)
+    assert_same_function(module, v, masks, x, rebuild, groups)
 
 
 def test_float64_after_float32_in_one_process():

@@ -81,6 +81,8 @@ SCRIPT = textwrap.dedent(
     small_mlp = nn.Sequential([nn.Dense(widths["params/layers_0"]), nn.relu, nn.Dense(8)])
     y, y0 = small_mlp.apply(small, x), mlp.apply(jp.apply_masks(vs, gm), x)
     assert np.allclose(y, y0, rtol=1e-5, atol=1e-6)
+    r, r0 = (jp.group_structured(t, 0.7, groups, scope="layer", round_to=4) for t in (vs, v))
+    assert same(r, r0) and np.asarray(r["params"]["layers_2"]["kernel"]).any(axis=1).sum() == 8  # 5 -> 8
     print("OK")
     """
 )

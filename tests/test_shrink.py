@@ -9,30 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from group_models import MODELS, TiedLM, Transformer, _init, build
+from group_models import MODELS, TiedLM, Transformer, _init, assert_same_function, model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jprune as jp
-
-_GROUPS = {}
-
-
-def model(name):
-    """``(module, variables, x, rebuild, groups)``, the groups read once per model."""
-    if name not in _GROUPS:
-        module, v, x, rebuild = build(name)
-        _GROUPS[name] = (module, v, x, rebuild, jp.channel_groups(module.apply, v, x))
-    return _GROUPS[name]
-
-
-def assert_same_function(module, v, masks, x, rebuild, groups):
-    small, widths = jp.shrink(v, masks, groups)
-    want = module.apply(jp.apply_masks(v, masks), x)
-    got = rebuild(widths).apply(small, x)
-    scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * max(scale, 1e-30))
-    return small, widths
 
 
 def width_pruned(groups, masks, v):
