@@ -13,7 +13,7 @@ layer's width from that mapping, with the dense width as the default: ``ResNet18
 - ``torch_resnet18``: the same ResNet-18 in plain ``torch.nn`` (torchvision's layout, without
   importing torchvision), the Torch-Pruning anchor in ``bench/bench_structured.py``.
 - ``NO_YNNPACK``: ``compiler_options`` for ``jax.jit`` on CPU, under which the shrunk ResNet-18
-  of ``bench/bench_structured.py`` is 3.2-3.3x faster than the dense one (2.0-2.2x without).
+  of ``bench/bench_structured.py`` is 3.1-3.3x faster than the dense one (2.0-2.2x without).
 """
 
 from __future__ import annotations
